@@ -1,0 +1,293 @@
+//! A mock workload: what istio-agent does against the CA, in Rust. It makes a
+//! key and a CSR the way the agent does, dials the CA over TLS (optionally
+//! with the certificate it already holds, for renewal), sends the request with
+//! a bearer token and the `ClusterID` header, and checks the answer as the
+//! agent does (at least two elements, root last) and more strictly (the chain
+//! verifies to the root, the SAN is the identity, the key is ours).
+//!
+//! `meshsign request` and the integration tests use it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use rcgen::{CertificateParams, CustomExtension, DistinguishedName, DnType, KeyPair};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use time::OffsetDateTime;
+use tokio::net::TcpStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+use x509_parser::extensions::GeneralName;
+
+use crate::pki::{self, der};
+use crate::proto::istio_certificate_service_client::IstioCertificateServiceClient;
+use crate::proto::IstioCertificateRequest;
+use crate::spiffe::SpiffeId;
+
+/// Key types a workload may use, as istio-agent offers them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkloadKeyType {
+    Rsa2048,
+    EcdsaP256,
+    EcdsaP384,
+}
+
+impl WorkloadKeyType {
+    pub fn generate(self) -> Result<KeyPair, String> {
+        match self {
+            WorkloadKeyType::Rsa2048 => {
+                KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048)
+            }
+            WorkloadKeyType::EcdsaP256 => KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256),
+            WorkloadKeyType::EcdsaP384 => KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384),
+        }
+        .map_err(|e| format!("key generation failed: {e}"))
+    }
+}
+
+/// The subject a CSR carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CsrSubject {
+    /// `O=` with an empty string, as Go's `pkiutil.GenCSR` (istio-agent) writes it.
+    IstioAgent,
+    /// An empty subject, as ztunnel writes it.
+    Empty,
+}
+
+/// Encodes a SubjectAltName extension value holding one URI.
+fn san_uri_value(uri: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(uri.len() + 4);
+    der::nested(&mut out, der::SEQUENCE, |names| {
+        der::tlv(names, 0x86, uri.as_bytes())
+    });
+    out
+}
+
+/// Makes a PEM CSR for `identity`: one critical URI SAN, nothing else.
+pub fn make_csr(key: &KeyPair, identity: &SpiffeId, subject: CsrSubject) -> Result<String, String> {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    if subject == CsrSubject::IstioAgent {
+        dn.push(DnType::OrganizationName, "");
+    }
+    params.distinguished_name = dn;
+    let mut san =
+        CustomExtension::from_oid_content(&[2, 5, 29, 17], san_uri_value(&identity.to_string()));
+    san.set_criticality(true);
+    params.custom_extensions = vec![san];
+    params
+        .serialize_request(key)
+        .and_then(|csr| csr.pem())
+        .map_err(|e| format!("CSR encoding failed: {e}"))
+}
+
+/// How to reach the CA.
+#[derive(Debug, Clone)]
+pub struct CaEndpoint {
+    /// `host:port`.
+    pub addr: String,
+    /// TLS server name; defaults to the host part of `addr`.
+    pub server_name: Option<String>,
+    /// Roots that the CA's serving certificate must chain to. Empty = plaintext.
+    pub roots: Vec<CertificateDer<'static>>,
+    /// Client certificate chain and key (PKCS#8 DER) for mTLS renewal.
+    pub client_identity: Option<(Vec<CertificateDer<'static>>, Vec<u8>)>,
+}
+
+/// Connects to the CA. Plaintext when `roots` is empty.
+pub async fn connect(ep: &CaEndpoint) -> Result<IstioCertificateServiceClient<Channel>, String> {
+    let endpoint = Endpoint::from_shared(format!("http://{}", ep.addr))
+        .map_err(|e| format!("bad address {:?}: {e}", ep.addr))?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(30));
+    if ep.roots.is_empty() {
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| format!("connect {}: {e}", ep.addr))?;
+        return Ok(IstioCertificateServiceClient::new(channel));
+    }
+    let tls = Arc::new(client_tls_config(ep)?);
+    let host = ep
+        .addr
+        .rsplit_once(':')
+        .map(|(h, _)| h.trim_matches(['[', ']']).to_owned())
+        .ok_or_else(|| format!("address {:?} has no port", ep.addr))?;
+    let name = ep.server_name.clone().unwrap_or(host);
+    let server_name =
+        ServerName::try_from(name.clone()).map_err(|e| format!("server name {name:?}: {e}"))?;
+    let addr = ep.addr.clone();
+    let connector = tower::service_fn(move |_: Uri| {
+        let tls = tls.clone();
+        let server_name = server_name.clone();
+        let addr = addr.clone();
+        async move {
+            let tcp = TcpStream::connect(addr.as_str()).await?;
+            tcp.set_nodelay(true)?;
+            let stream = tokio_rustls::TlsConnector::from(tls)
+                .connect(server_name, tcp)
+                .await?;
+            Ok::<_, std::io::Error>(TokioIo::new(stream))
+        }
+    });
+    let channel = endpoint
+        .connect_with_connector(connector)
+        .await
+        .map_err(|e| format!("connect {}: {}", ep.addr, error_chain(&e)))?;
+    Ok(IstioCertificateServiceClient::new(channel))
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}
+
+/// The rustls client configuration: TLS 1.2+, ALPN h2, the CA roots, and the
+/// client certificate when renewing.
+pub fn client_tls_config(ep: &CaEndpoint) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for r in &ep.roots {
+        roots
+            .add(r.clone())
+            .map_err(|e| format!("bad root certificate: {e}"))?;
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots);
+    let mut config = match &ep.client_identity {
+        Some((chain, key)) => builder
+            .with_client_auth_cert(chain.clone(), PrivateKeyDer::Pkcs8(key.clone().into()))
+            .map_err(|e| format!("bad client certificate: {e}"))?,
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+/// One certificate request, as istio-agent sends it.
+#[derive(Debug, Clone)]
+pub struct CertificateRequest<'a> {
+    pub csr_pem: String,
+    pub ttl_seconds: i64,
+    pub token: Option<&'a str>,
+    pub cluster_id: &'a str,
+}
+
+/// Sends `CreateCertificate` and returns the PEM elements.
+pub async fn create_certificate(
+    client: &mut IstioCertificateServiceClient<Channel>,
+    req: &CertificateRequest<'_>,
+) -> Result<Vec<String>, tonic::Status> {
+    let mut metadata = prost_types::Struct::default();
+    metadata.fields.insert(
+        "CertSigner".into(),
+        prost_types::Value {
+            kind: Some(prost_types::value::Kind::StringValue(String::new())),
+        },
+    );
+    let mut request = tonic::Request::new(IstioCertificateRequest {
+        csr: req.csr_pem.clone(),
+        validity_duration: req.ttl_seconds,
+        metadata: Some(metadata),
+    });
+    if let Some(token) = req.token {
+        let value = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| tonic::Status::invalid_argument("token is not a valid header value"))?;
+        request.metadata_mut().insert("authorization", value);
+    }
+    if let Ok(v) = req.cluster_id.parse() {
+        request.metadata_mut().insert("clusterid", v);
+    }
+    Ok(client
+        .create_certificate(request)
+        .await?
+        .into_inner()
+        .cert_chain)
+}
+
+/// An answer that passed every check.
+#[derive(Debug, Clone)]
+pub struct IssuedCertificate {
+    /// Leaf and intermediates (every element but the last), PEM.
+    pub chain_pem: String,
+    /// The root bundle (the last element), PEM.
+    pub root_pem: String,
+    pub leaf: CertificateDer<'static>,
+    pub not_before: OffsetDateTime,
+    pub not_after: OffsetDateTime,
+    pub serial_hex: String,
+}
+
+/// Checks a response the way a careful agent would.
+pub fn verify_response(
+    elements: &[String],
+    key: &KeyPair,
+    identity: &SpiffeId,
+    now: OffsetDateTime,
+) -> Result<IssuedCertificate, String> {
+    if elements.len() < 2 {
+        return Err(format!(
+            "invalid empty CertChain: {} element(s)",
+            elements.len()
+        ));
+    }
+    if let Some(bad) = elements.iter().position(|e| !e.ends_with('\n')) {
+        return Err(format!("element {bad} does not end with a newline"));
+    }
+    let (root_pem, rest) = elements.split_last().ok_or("empty chain")?;
+    let roots = pki::parse_certificates_nonempty(root_pem.as_bytes())
+        .map_err(|e| format!("root element: {e}"))?;
+    let mut chain = Vec::new();
+    for (i, e) in rest.iter().enumerate() {
+        let certs = pki::parse_certificates_nonempty(e.as_bytes())
+            .map_err(|err| format!("element {i}: {err}"))?;
+        if certs.len() != 1 {
+            return Err(format!(
+                "element {i} holds {} certificates, expected one",
+                certs.len()
+            ));
+        }
+        chain.extend(certs);
+    }
+    let leaf = chain.remove(0);
+    pki::verify_chain(&leaf, &chain, &roots, now)?;
+    let parsed = pki::parse_cert(&leaf)?;
+    if parsed.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+        return Err("leaf public key is not the key we sent".into());
+    }
+    let san = parsed
+        .subject_alternative_name()
+        .map_err(|e| e.to_string())?
+        .ok_or("leaf has no SAN")?;
+    let names: Vec<String> = san
+        .value
+        .general_names
+        .iter()
+        .map(|n| match n {
+            GeneralName::URI(u) => (*u).to_owned(),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    if names != [identity.to_string()] {
+        return Err(format!(
+            "leaf SANs are {names:?}, expected exactly [{identity}]"
+        ));
+    }
+    Ok(IssuedCertificate {
+        chain_pem: rest.concat(),
+        root_pem: root_pem.clone(),
+        not_before: parsed.validity().not_before.to_datetime(),
+        not_after: parsed.validity().not_after.to_datetime(),
+        serial_hex: parsed.raw_serial_as_string(),
+        leaf,
+    })
+}

@@ -1,0 +1,687 @@
+//! Configuration: the YAML file, parsed once at start-up and validated into
+//! typed settings. Unknown keys are errors, and every validation error names
+//! the key it concerns (`policy.max_ttl: ...`). Nothing else in meshsign reads
+//! configuration files or environment variables.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::csr::KeyPolicy;
+use crate::policy::{Policy, Rule};
+use crate::spiffe;
+
+/// A configuration problem, naming the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {reason}")]
+    Read { path: PathBuf, reason: String },
+    #[error("config file {path}: {reason}")]
+    Syntax { path: PathBuf, reason: String },
+    #[error("config key `{key}`: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The file, as written.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileConfig {
+    listen: String,
+    trust_domain: String,
+    trust_domain_aliases: Vec<String>,
+    state_dir: PathBuf,
+    server_tls: FileServerTls,
+    ca: Option<FileCa>,
+    authn: FileAuthn,
+    policy: FilePolicy,
+    limits: FileLimits,
+}
+
+impl Default for FileConfig {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:15012".into(),
+            trust_domain: "cluster.local".into(),
+            trust_domain_aliases: Vec::new(),
+            state_dir: PathBuf::from(".meshsign"),
+            server_tls: FileServerTls::default(),
+            ca: None,
+            authn: FileAuthn::default(),
+            policy: FilePolicy::default(),
+            limits: FileLimits::default(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileServerTls {
+    dns_names: Vec<String>,
+    ip_addresses: Vec<String>,
+    cert_ttl: String,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    insecure_plaintext: bool,
+}
+
+impl Default for FileServerTls {
+    fn default() -> Self {
+        Self {
+            dns_names: DEFAULT_DNS_NAMES.iter().map(|s| s.to_string()).collect(),
+            ip_addresses: vec!["127.0.0.1".into(), "::1".into()],
+            cert_ttl: "24h".into(),
+            cert_file: None,
+            key_file: None,
+            insecure_plaintext: false,
+        }
+    }
+}
+
+/// The serving certificate's DNS names by default. `istiod.istio-system.svc`
+/// is what istio-agent asks for when `CA_ADDR` points at `localhost`.
+pub const DEFAULT_DNS_NAMES: &[&str] = &[
+    "meshsign.istio-system.svc",
+    "istiod.istio-system.svc",
+    "localhost",
+];
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileCa {
+    dir: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileAuthn {
+    client_certificates: bool,
+    clock_skew: String,
+    jwt: Vec<FileJwt>,
+}
+
+impl Default for FileAuthn {
+    fn default() -> Self {
+        Self {
+            client_certificates: true,
+            clock_skew: "60s".into(),
+            jwt: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileJwt {
+    issuer: String,
+    #[serde(default = "default_audiences")]
+    audiences: Vec<String>,
+    jwks_file: Option<PathBuf>,
+    jwks_uri: Option<String>,
+    jwks_ca_file: Option<PathBuf>,
+    jwks_bearer_token_file: Option<PathBuf>,
+    #[serde(default = "default_refresh")]
+    jwks_refresh: String,
+}
+
+fn default_audiences() -> Vec<String> {
+    vec![crate::token::DEFAULT_AUDIENCE.to_owned()]
+}
+
+fn default_refresh() -> String {
+    "5m".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FilePolicy {
+    default_ttl: String,
+    max_ttl: String,
+    backdate: String,
+    allow: Vec<FileRule>,
+    deny: Vec<FileRule>,
+    csr_keys: FileKeyPolicy,
+}
+
+impl Default for FilePolicy {
+    fn default() -> Self {
+        Self {
+            default_ttl: "24h".into(),
+            max_ttl: "2160h".into(),
+            backdate: "2m".into(),
+            allow: vec![FileRule::default()],
+            deny: Vec::new(),
+            csr_keys: FileKeyPolicy::default(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileRule {
+    namespace: String,
+    service_account: String,
+}
+
+impl Default for FileRule {
+    fn default() -> Self {
+        Self {
+            namespace: "*".into(),
+            service_account: "*".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileKeyPolicy {
+    rsa_min_bits: usize,
+    rsa_max_bits: usize,
+    ecdsa_p256: bool,
+    ecdsa_p384: bool,
+    ed25519: bool,
+}
+
+impl Default for FileKeyPolicy {
+    fn default() -> Self {
+        let k = KeyPolicy::default();
+        Self {
+            rsa_min_bits: k.rsa_min_bits,
+            rsa_max_bits: k.rsa_max_bits,
+            ecdsa_p256: k.ecdsa_p256,
+            ecdsa_p384: k.ecdsa_p384,
+            ed25519: k.ed25519,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileLimits {
+    max_request_bytes: usize,
+    max_concurrent_streams: u32,
+    handshake_timeout: String,
+    request_timeout: String,
+}
+
+impl Default for FileLimits {
+    fn default() -> Self {
+        Self {
+            max_request_bytes: 64 * 1024,
+            max_concurrent_streams: 1024,
+            handshake_timeout: "10s".into(),
+            request_timeout: "30s".into(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The validated settings.
+
+/// Where the CA comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CaSource {
+    /// A plug-in bundle directory.
+    Dir(PathBuf),
+    /// Dev mode: a root and intermediate created in (and reused from) the state directory.
+    Dev,
+}
+
+/// How the server presents itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerTls {
+    /// A serving certificate issued by the CA itself, renewed at half-life.
+    Issued {
+        dns_names: Vec<String>,
+        ip_addresses: Vec<IpAddr>,
+        ttl: Duration,
+    },
+    /// An operator-provided certificate and key (PEM), re-read on renewal ticks.
+    Files { cert: PathBuf, key: PathBuf },
+    /// No TLS at all. Debugging only.
+    InsecurePlaintext,
+}
+
+/// Where a JWT issuer's keys come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JwksLocation {
+    File(PathBuf),
+    Uri {
+        url: String,
+        ca_file: Option<PathBuf>,
+        bearer_token_file: Option<PathBuf>,
+    },
+}
+
+/// One trusted JWT issuer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JwtIssuerConfig {
+    pub issuer: String,
+    pub audiences: Vec<String>,
+    pub jwks: JwksLocation,
+    pub refresh: Duration,
+}
+
+/// Authentication settings.
+#[derive(Debug, Clone)]
+pub struct Authn {
+    pub client_certificates: bool,
+    pub clock_skew: Duration,
+    pub jwt: Vec<JwtIssuerConfig>,
+}
+
+/// Resource limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_request_bytes: usize,
+    pub max_concurrent_streams: u32,
+    pub handshake_timeout: Duration,
+    pub request_timeout: Duration,
+}
+
+/// Everything meshsign needs to run, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub state_dir: PathBuf,
+    pub server_tls: ServerTls,
+    pub ca: CaSource,
+    pub authn: Authn,
+    pub policy: Policy,
+    pub key_policy: KeyPolicy,
+    pub limits: Limits,
+}
+
+impl Config {
+    /// Reads and validates a YAML file.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+        Self::from_yaml(&text).map_err(|e| match e {
+            ConfigError::Syntax { reason, .. } => ConfigError::Syntax {
+                path: path.to_owned(),
+                reason,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates YAML text. An empty document is the default
+    /// (dev-mode) configuration.
+    pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
+        let file: FileConfig = if text.trim().is_empty() {
+            FileConfig::default()
+        } else {
+            serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Syntax {
+                path: PathBuf::from("<config>"),
+                reason: e.to_string(),
+            })?
+        };
+        file.validate()
+    }
+
+    /// The dev-mode defaults, as `meshsign serve` without `--config` runs.
+    pub fn dev_default() -> Config {
+        // The defaults are valid by construction (and tested).
+        FileConfig::default()
+            .validate()
+            .unwrap_or_else(|e| panic!("built-in default configuration is invalid: {e}"))
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.policy.trust_domain
+    }
+}
+
+fn duration(key: &str, value: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(value.trim()).map_err(|e| {
+        invalid(
+            key,
+            format!("invalid duration {value:?}: {e} (examples: 90s, 2m, 24h, 2160h)"),
+        )
+    })
+}
+
+/// Upper bound on any certificate lifetime we accept in configuration.
+const MAX_CONFIG_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+impl FileConfig {
+    fn validate(self) -> Result<Config, ConfigError> {
+        let listen: SocketAddr = self
+            .listen
+            .parse()
+            .map_err(|e| invalid("listen", format!("{:?} is not host:port: {e}", self.listen)))?;
+        spiffe::validate_trust_domain(&self.trust_domain)
+            .map_err(|e| invalid("trust_domain", e.to_string()))?;
+        for (i, alias) in self.trust_domain_aliases.iter().enumerate() {
+            spiffe::validate_trust_domain(alias)
+                .map_err(|e| invalid(&format!("trust_domain_aliases[{i}]"), e.to_string()))?;
+        }
+        if self.state_dir.as_os_str().is_empty() {
+            return Err(invalid("state_dir", "must not be empty"));
+        }
+
+        let tls = &self.server_tls;
+        let server_tls = if tls.insecure_plaintext {
+            ServerTls::InsecurePlaintext
+        } else {
+            match (&tls.cert_file, &tls.key_file) {
+                (Some(cert), Some(key)) => ServerTls::Files {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                },
+                (Some(_), None) => {
+                    return Err(invalid("server_tls.key_file", "required with cert_file"))
+                }
+                (None, Some(_)) => {
+                    return Err(invalid("server_tls.cert_file", "required with key_file"))
+                }
+                (None, None) => {
+                    if tls.dns_names.is_empty() && tls.ip_addresses.is_empty() {
+                        return Err(invalid(
+                            "server_tls.dns_names",
+                            "the serving certificate needs at least one DNS name or IP address",
+                        ));
+                    }
+                    for (i, name) in tls.dns_names.iter().enumerate() {
+                        let ok = !name.is_empty()
+                            && name.len() <= 253
+                            && name.split('.').all(|l| {
+                                !l.is_empty()
+                                    && l.len() <= 63
+                                    && l.bytes().all(|b| {
+                                        b.is_ascii_alphanumeric() || b == b'-' || b == b'*'
+                                    })
+                            });
+                        if !ok {
+                            return Err(invalid(
+                                &format!("server_tls.dns_names[{i}]"),
+                                format!("{name:?} is not a DNS name"),
+                            ));
+                        }
+                    }
+                    let ip_addresses = tls
+                        .ip_addresses
+                        .iter()
+                        .enumerate()
+                        .map(|(i, s)| {
+                            s.parse::<IpAddr>().map_err(|e| {
+                                invalid(
+                                    &format!("server_tls.ip_addresses[{i}]"),
+                                    format!("{s:?}: {e}"),
+                                )
+                            })
+                        })
+                        .collect::<Result<Vec<_>, _>>()?;
+                    let ttl = duration("server_tls.cert_ttl", &tls.cert_ttl)?;
+                    if ttl < Duration::from_secs(600) || ttl > Duration::from_secs(366 * 24 * 3600)
+                    {
+                        return Err(invalid(
+                            "server_tls.cert_ttl",
+                            "must be between 10m and 8784h",
+                        ));
+                    }
+                    ServerTls::Issued {
+                        dns_names: tls.dns_names.clone(),
+                        ip_addresses,
+                        ttl,
+                    }
+                }
+            }
+        };
+
+        let ca = match self.ca {
+            Some(FileCa { dir }) if dir.as_os_str().is_empty() => {
+                return Err(invalid(
+                    "ca.dir",
+                    "must not be empty (omit `ca` for dev mode)",
+                ))
+            }
+            Some(FileCa { dir }) => CaSource::Dir(dir),
+            None => CaSource::Dev,
+        };
+
+        let clock_skew = duration("authn.clock_skew", &self.authn.clock_skew)?;
+        let mut jwt = Vec::new();
+        for (i, j) in self.authn.jwt.into_iter().enumerate() {
+            let key = |k: &str| format!("authn.jwt[{i}].{k}");
+            if j.issuer.trim().is_empty() {
+                return Err(invalid(&key("issuer"), "must not be empty"));
+            }
+            if j.audiences.is_empty() || j.audiences.iter().any(|a| a.is_empty()) {
+                return Err(invalid(
+                    &key("audiences"),
+                    "at least one non-empty audience is required",
+                ));
+            }
+            let jwks = match (j.jwks_file, j.jwks_uri) {
+                (Some(_), Some(_)) => {
+                    return Err(invalid(
+                        &key("jwks_uri"),
+                        "set either jwks_file or jwks_uri, not both",
+                    ))
+                }
+                (None, None) => {
+                    return Err(invalid(
+                        &key("jwks_file"),
+                        "one of jwks_file or jwks_uri is required",
+                    ))
+                }
+                (Some(file), None) => {
+                    if j.jwks_ca_file.is_some() || j.jwks_bearer_token_file.is_some() {
+                        return Err(invalid(
+                            &key("jwks_ca_file"),
+                            "only meaningful with jwks_uri",
+                        ));
+                    }
+                    JwksLocation::File(file)
+                }
+                (None, Some(url)) => {
+                    if !url.starts_with("https://") && !url.starts_with("http://") {
+                        return Err(invalid(
+                            &key("jwks_uri"),
+                            format!("{url:?} is not an http(s) URL"),
+                        ));
+                    }
+                    JwksLocation::Uri {
+                        url,
+                        ca_file: j.jwks_ca_file,
+                        bearer_token_file: j.jwks_bearer_token_file,
+                    }
+                }
+            };
+            let refresh = duration(&key("jwks_refresh"), &j.jwks_refresh)?;
+            if refresh < Duration::from_secs(10) {
+                return Err(invalid(&key("jwks_refresh"), "must be at least 10s"));
+            }
+            if jwt.iter().any(|o: &JwtIssuerConfig| o.issuer == j.issuer) {
+                return Err(invalid(
+                    &key("issuer"),
+                    format!("issuer {:?} is listed twice", j.issuer),
+                ));
+            }
+            jwt.push(JwtIssuerConfig {
+                issuer: j.issuer,
+                audiences: j.audiences,
+                jwks,
+                refresh,
+            });
+        }
+        if ca != CaSource::Dev && jwt.is_empty() && !self.authn.client_certificates {
+            return Err(invalid(
+                "authn",
+                "no authenticator is enabled: configure authn.jwt or enable client_certificates",
+            ));
+        }
+
+        let p = &self.policy;
+        let default_ttl = duration("policy.default_ttl", &p.default_ttl)?;
+        let max_ttl = duration("policy.max_ttl", &p.max_ttl)?;
+        let backdate = duration("policy.backdate", &p.backdate)?;
+        if default_ttl < Duration::from_secs(60) || default_ttl > MAX_CONFIG_TTL {
+            return Err(invalid(
+                "policy.default_ttl",
+                "must be between 1m and 100 years",
+            ));
+        }
+        if max_ttl < Duration::from_secs(60) || max_ttl > MAX_CONFIG_TTL {
+            return Err(invalid(
+                "policy.max_ttl",
+                "must be between 1m and 100 years",
+            ));
+        }
+        if backdate > Duration::from_secs(24 * 3600) {
+            return Err(invalid("policy.backdate", "must be at most 24h"));
+        }
+        let rules = |name: &str, list: &[FileRule]| {
+            list.iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    Rule::new(&r.namespace, &r.service_account)
+                        .map_err(|e| invalid(&format!("policy.{name}[{i}]"), e.to_string()))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        };
+        let policy = Policy {
+            trust_domain: self.trust_domain,
+            trust_domain_aliases: self.trust_domain_aliases,
+            allow: rules("allow", &p.allow)?,
+            deny: rules("deny", &p.deny)?,
+            default_ttl,
+            max_ttl,
+            backdate,
+        };
+        let k = &p.csr_keys;
+        if k.rsa_min_bits < 2048 {
+            return Err(invalid(
+                "policy.csr_keys.rsa_min_bits",
+                "must be at least 2048",
+            ));
+        }
+        if k.rsa_max_bits < k.rsa_min_bits || k.rsa_max_bits > 16384 {
+            return Err(invalid(
+                "policy.csr_keys.rsa_max_bits",
+                "must be between rsa_min_bits and 16384",
+            ));
+        }
+        let key_policy = KeyPolicy {
+            rsa_min_bits: k.rsa_min_bits,
+            rsa_max_bits: k.rsa_max_bits,
+            ecdsa_p256: k.ecdsa_p256,
+            ecdsa_p384: k.ecdsa_p384,
+            ed25519: k.ed25519,
+        };
+
+        let l = &self.limits;
+        if !(4096..=4 * 1024 * 1024).contains(&l.max_request_bytes) {
+            return Err(invalid(
+                "limits.max_request_bytes",
+                "must be between 4096 and 4194304",
+            ));
+        }
+        if l.max_concurrent_streams == 0 {
+            return Err(invalid("limits.max_concurrent_streams", "must be positive"));
+        }
+        let limits = Limits {
+            max_request_bytes: l.max_request_bytes,
+            max_concurrent_streams: l.max_concurrent_streams,
+            handshake_timeout: duration("limits.handshake_timeout", &l.handshake_timeout)?,
+            request_timeout: duration("limits.request_timeout", &l.request_timeout)?,
+        };
+
+        Ok(Config {
+            listen,
+            state_dir: self.state_dir,
+            server_tls,
+            ca,
+            authn: Authn {
+                client_certificates: self.authn.client_certificates,
+                clock_skew,
+                jwt,
+            },
+            policy,
+            key_policy,
+            limits,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_is_dev_mode() {
+        let c = Config::dev_default();
+        assert_eq!(c.ca, CaSource::Dev);
+        assert_eq!(c.listen.port(), 15012);
+        assert_eq!(c.trust_domain(), "cluster.local");
+        assert_eq!(c.policy.max_ttl, Duration::from_secs(2160 * 3600));
+        assert!(matches!(c.server_tls, ServerTls::Issued { .. }));
+    }
+
+    #[test]
+    fn issue_example_parses() {
+        let c = Config::from_yaml(
+            r#"
+listen: "0.0.0.0:15012"
+trust_domain: "cluster.local"
+server_tls: { dns_names: ["meshsign.istio-system.svc", "localhost"] }
+ca: { dir: "/etc/cacerts" }
+authn:
+  client_certificates: true
+  jwt:
+    - issuer: "https://kubernetes.default.svc.cluster.local"
+      audiences: ["istio-ca"]
+      jwks_file: "/etc/meshsign/jwks.json"
+policy: { default_ttl: "24h", max_ttl: "2160h" }
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.ca, CaSource::Dir("/etc/cacerts".into()));
+        assert_eq!(c.authn.jwt.len(), 1);
+        assert_eq!(
+            c.authn.jwt[0].jwks,
+            JwksLocation::File("/etc/meshsign/jwks.json".into())
+        );
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            ("policy: { max_ttl: \"90 parsecs\" }", "policy.max_ttl"),
+            ("listen: nowhere", "listen"),
+            ("trust_domain: \"Bad Domain\"", "trust_domain"),
+            (
+                "authn: { jwt: [ { issuer: x } ] }",
+                "authn.jwt[0].jwks_file",
+            ),
+            (
+                "policy: { deny: [ { namespace: \"[\" } ] }",
+                "policy.deny[0]",
+            ),
+            (
+                "server_tls: { dns_names: [\"a b\"] }",
+                "server_tls.dns_names[0]",
+            ),
+        ];
+        for (yaml, key) in cases {
+            let err = Config::from_yaml(yaml).unwrap_err().to_string();
+            assert!(err.contains(key), "{yaml}: {err}");
+        }
+        let err = Config::from_yaml("polcy: {}").unwrap_err().to_string();
+        assert!(err.contains("unknown field `polcy`"), "{err}");
+    }
+}

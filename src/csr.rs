@@ -1,0 +1,275 @@
+//! What the caller asks for: parsing and checking the PKCS#10 CSR.
+//!
+//! A CSR is accepted only if its signature verifies (proof of possession), its
+//! public key is on the allow-list, and it asks for nothing but one SPIFFE ID:
+//! exactly one URI SAN, no DNS/IP/email SANs, no CA rights, no extension
+//! outside SAN, KeyUsage, ExtKeyUsage, BasicConstraints and SubjectKeyIdentifier,
+//! and no Common Name other than the identity itself. The subject is otherwise
+//! ignored (istio-agent sends `O=`; the leaf's subject is empty), exactly as
+//! istiod overwrites it. Whether the identity belongs to the caller is the
+//! policy's question, not this module's.
+
+use x509_parser::certification_request::X509CertificationRequest;
+use x509_parser::extensions::{GeneralName, ParsedExtension};
+use x509_parser::oid_registry::{self, Oid};
+use x509_parser::prelude::FromDer;
+
+use crate::pki::KeyKind;
+use crate::spiffe::{SpiffeId, SpiffeIdError};
+
+/// Largest PEM CSR accepted (an RSA-8192 CSR is about 2.5 KiB).
+pub const MAX_CSR_PEM_BYTES: usize = 16 * 1024;
+
+/// Which CSR public keys are allowed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyPolicy {
+    pub rsa_min_bits: usize,
+    pub rsa_max_bits: usize,
+    pub ecdsa_p256: bool,
+    pub ecdsa_p384: bool,
+    pub ed25519: bool,
+}
+
+impl Default for KeyPolicy {
+    fn default() -> Self {
+        Self {
+            rsa_min_bits: 2048,
+            rsa_max_bits: 8192,
+            ecdsa_p256: true,
+            ecdsa_p384: true,
+            ed25519: false,
+        }
+    }
+}
+
+impl KeyPolicy {
+    pub fn allows(&self, key: KeyKind) -> bool {
+        match key {
+            KeyKind::Rsa { bits } => (self.rsa_min_bits..=self.rsa_max_bits).contains(&bits),
+            KeyKind::EcdsaP256 => self.ecdsa_p256,
+            KeyKind::EcdsaP384 => self.ecdsa_p384,
+            KeyKind::Ed25519 => self.ed25519,
+            KeyKind::EcdsaP521 | KeyKind::Other => false,
+        }
+    }
+
+    /// Human description of the allow-list, for error messages.
+    pub fn describe(&self) -> String {
+        let mut parts = vec![format!(
+            "RSA {}-{} bits",
+            self.rsa_min_bits, self.rsa_max_bits
+        )];
+        if self.ecdsa_p256 {
+            parts.push("ECDSA P-256".into());
+        }
+        if self.ecdsa_p384 {
+            parts.push("ECDSA P-384".into());
+        }
+        if self.ed25519 {
+            parts.push("Ed25519".into());
+        }
+        parts.join(", ")
+    }
+}
+
+/// Why a CSR was refused. Every variant maps to `INVALID_ARGUMENT`.
+#[derive(Debug, thiserror::Error)]
+pub enum CsrError {
+    #[error("certificate signing request is larger than {MAX_CSR_PEM_BYTES} bytes")]
+    TooLarge,
+    #[error("certificate signing request is not properly encoded")]
+    NotPem,
+    #[error("failed to parse X.509 certificate signing request: {0}")]
+    Der(String),
+    #[error("CSR signature algorithm {0} is not accepted")]
+    SignatureAlgorithm(String),
+    #[error("CSR signature does not verify (no proof of possession of the key)")]
+    BadSignature,
+    #[error("CSR public key {found} is not allowed (allowed: {allowed})")]
+    KeyNotAllowed { found: KeyKind, allowed: String },
+    #[error("CSR has no URI SAN: it must carry exactly the caller's SPIFFE ID")]
+    NoIdentity,
+    #[error("CSR has {0} URI SANs: exactly one SPIFFE ID is allowed")]
+    SeveralIdentities(usize),
+    #[error("CSR URI SAN {uri:?} is not an Istio SPIFFE ID: {reason}")]
+    BadIdentity { uri: String, reason: SpiffeIdError },
+    #[error("CSR requests a DNS SAN ({0}); only the SPIFFE ID is allowed")]
+    DnsSan(String),
+    #[error("CSR requests an IP SAN; only the SPIFFE ID is allowed")]
+    IpSan,
+    #[error("CSR requests an email SAN ({0}); only the SPIFFE ID is allowed")]
+    EmailSan(String),
+    #[error("CSR requests a SAN of an unsupported type ({0}); only the SPIFFE ID is allowed")]
+    OtherSan(String),
+    #[error("CSR Common Name {0:?} differs from its SPIFFE ID")]
+    CommonName(String),
+    #[error("CSR requests CA rights ({0})")]
+    CaRequested(&'static str),
+    #[error("CSR requests extended key usage {0}; only serverAuth and clientAuth are allowed")]
+    ExtendedKeyUsage(String),
+    #[error("CSR requests extension {0}, which is not allowed")]
+    Extension(String),
+}
+
+/// A CSR that passed every check.
+#[derive(Debug, Clone)]
+pub struct ValidatedCsr {
+    /// DER SubjectPublicKeyInfo, copied into the leaf verbatim.
+    pub spki_der: Vec<u8>,
+    pub key: KeyKind,
+    pub identity: SpiffeId,
+    /// Set when the CSR asks for a dual-use CN (equal to the identity).
+    pub wants_common_name: bool,
+}
+
+/// Parses a PEM CSR and applies every check listed in the module docs.
+pub fn validate(pem_text: &str, keys: &KeyPolicy) -> Result<ValidatedCsr, CsrError> {
+    if pem_text.len() > MAX_CSR_PEM_BYTES {
+        return Err(CsrError::TooLarge);
+    }
+    let block = ::pem::parse(pem_text).map_err(|_| CsrError::NotPem)?;
+    if !matches!(
+        block.tag(),
+        "CERTIFICATE REQUEST" | "NEW CERTIFICATE REQUEST"
+    ) {
+        return Err(CsrError::NotPem);
+    }
+    let (rest, csr) = X509CertificationRequest::from_der(block.contents())
+        .map_err(|e| CsrError::Der(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(CsrError::Der("trailing data after the CSR".into()));
+    }
+
+    check_signature_algorithm(&csr.signature_algorithm.algorithm)?;
+    csr.verify_signature().map_err(|_| CsrError::BadSignature)?;
+
+    let info = &csr.certification_request_info;
+    let key = KeyKind::of_spki(&info.subject_pki);
+    if !keys.allows(key) {
+        return Err(CsrError::KeyNotAllowed {
+            found: key,
+            allowed: keys.describe(),
+        });
+    }
+
+    let mut uris: Vec<&str> = Vec::with_capacity(1);
+    if let Some(extensions) = csr.requested_extensions() {
+        for ext in extensions {
+            check_extension(ext, &mut uris)?;
+        }
+    }
+    let uri = match uris.as_slice() {
+        [] => return Err(CsrError::NoIdentity),
+        [one] => *one,
+        many => return Err(CsrError::SeveralIdentities(many.len())),
+    };
+    let identity = SpiffeId::parse(uri).map_err(|reason| CsrError::BadIdentity {
+        uri: uri.to_owned(),
+        reason,
+    })?;
+
+    let mut wants_common_name = false;
+    for cn in info.subject.iter_common_name() {
+        let value = cn.as_str().unwrap_or_default();
+        if value.is_empty() {
+            continue;
+        }
+        if value != uri {
+            return Err(CsrError::CommonName(value.to_owned()));
+        }
+        wants_common_name = true;
+    }
+
+    Ok(ValidatedCsr {
+        spki_der: info.subject_pki.raw.to_vec(),
+        key,
+        identity,
+        wants_common_name,
+    })
+}
+
+fn check_signature_algorithm(oid: &Oid<'_>) -> Result<(), CsrError> {
+    let accepted = [
+        oid_registry::OID_PKCS1_SHA256WITHRSA,
+        oid_registry::OID_PKCS1_SHA384WITHRSA,
+        oid_registry::OID_PKCS1_SHA512WITHRSA,
+        oid_registry::OID_SIG_ECDSA_WITH_SHA256,
+        oid_registry::OID_SIG_ECDSA_WITH_SHA384,
+        oid_registry::OID_SIG_ED25519,
+    ];
+    if accepted.iter().any(|a| a == oid) {
+        Ok(())
+    } else {
+        Err(CsrError::SignatureAlgorithm(oid.to_id_string()))
+    }
+}
+
+fn check_extension<'a>(
+    ext: &'a ParsedExtension<'a>,
+    uris: &mut Vec<&'a str>,
+) -> Result<(), CsrError> {
+    match ext {
+        ParsedExtension::SubjectAlternativeName(san) => {
+            for name in &san.general_names {
+                match name {
+                    GeneralName::URI(uri) => uris.push(uri),
+                    GeneralName::DNSName(dns) => return Err(CsrError::DnsSan((*dns).to_owned())),
+                    GeneralName::IPAddress(_) => return Err(CsrError::IpSan),
+                    GeneralName::RFC822Name(mail) => {
+                        return Err(CsrError::EmailSan((*mail).to_owned()))
+                    }
+                    other => return Err(CsrError::OtherSan(general_name_kind(other).into())),
+                }
+            }
+            Ok(())
+        }
+        ParsedExtension::BasicConstraints(bc) if bc.ca => {
+            Err(CsrError::CaRequested("BasicConstraints CA:TRUE"))
+        }
+        ParsedExtension::BasicConstraints(_) => Ok(()),
+        ParsedExtension::KeyUsage(ku) => {
+            if ku.key_cert_sign() {
+                Err(CsrError::CaRequested("KeyUsage keyCertSign"))
+            } else if ku.crl_sign() {
+                Err(CsrError::CaRequested("KeyUsage cRLSign"))
+            } else {
+                Ok(())
+            }
+        }
+        ParsedExtension::ExtendedKeyUsage(eku) => {
+            if eku.any {
+                return Err(CsrError::ExtendedKeyUsage("anyExtendedKeyUsage".into()));
+            }
+            if eku.code_signing || eku.email_protection || eku.time_stamping || eku.ocsp_signing {
+                return Err(CsrError::ExtendedKeyUsage(
+                    "codeSigning/emailProtection/timeStamping/OCSPSigning".into(),
+                ));
+            }
+            if let Some(other) = eku.other.first() {
+                return Err(CsrError::ExtendedKeyUsage(other.to_id_string()));
+            }
+            Ok(())
+        }
+        ParsedExtension::SubjectKeyIdentifier(_) => Ok(()),
+        ParsedExtension::UnsupportedExtension { oid } => {
+            Err(CsrError::Extension(oid.to_id_string()))
+        }
+        ParsedExtension::ParseError { error } => {
+            Err(CsrError::Der(format!("malformed extension: {error}")))
+        }
+        other => Err(CsrError::Extension(
+            format!("{other:?}").chars().take(60).collect(),
+        )),
+    }
+}
+
+fn general_name_kind(name: &GeneralName<'_>) -> &'static str {
+    match name {
+        GeneralName::OtherName(..) => "otherName",
+        GeneralName::X400Address(_) => "x400Address",
+        GeneralName::DirectoryName(_) => "directoryName",
+        GeneralName::EDIPartyName(_) => "ediPartyName",
+        GeneralName::RegisteredID(_) => "registeredID",
+        _ => "unknown",
+    }
+}

@@ -1,0 +1,21 @@
+//! meshsign: a certificate authority for service meshes that speaks Istio's
+//! `IstioCertificateService/CreateCertificate` API.
+//!
+//! A request flows one way through the modules:
+//! [`server`] (transport, TLS, gRPC) → [`auth`] (who is calling) →
+//! [`csr`] (what is asked) → [`policy`] (is it allowed) → [`ca`] (key, chain,
+//! signing) → response. [`config`] is parsed and validated once at start-up;
+//! nothing below it reads files or environment variables.
+
+pub mod auth;
+pub mod ca;
+pub mod client;
+pub mod config;
+pub mod csr;
+pub mod error;
+pub mod pki;
+pub mod policy;
+pub mod proto;
+pub mod server;
+pub mod spiffe;
+pub mod token;

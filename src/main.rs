@@ -1,0 +1,546 @@
+//! The `meshsign` command line: `serve`, `ca init`, `ca check`, `token` and
+//! `request`. Each subcommand is a thin shell over the library.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use time::OffsetDateTime;
+
+use meshsign::ca::generate::{self, CaSpec, KeyType};
+use meshsign::ca::{Ca, CaBundle, CertSummary};
+use meshsign::client::{self, CaEndpoint, CertificateRequest, CsrSubject, WorkloadKeyType};
+use meshsign::config::Config;
+use meshsign::pki;
+use meshsign::server;
+use meshsign::spiffe::SpiffeId;
+use meshsign::token::{DevTokenIssuer, TokenRequest, DEFAULT_AUDIENCE, DEV_ISSUER};
+
+/// meshsign: a certificate authority for service meshes, speaking Istio's
+/// CreateCertificate API.
+///
+/// Point istio-agent or ztunnel at it with CA_ADDR=<host>:15012 and it issues
+/// SPIFFE workload certificates (spiffe://<trust-domain>/ns/<ns>/sa/<sa>)
+/// signed by your own intermediate CA.
+///
+/// Quick start (dev mode, no configuration):
+///   meshsign serve                  # creates ./.meshsign with a root, an intermediate and a token issuer
+///   meshsign request --out ./certs  # in another shell: a workload certificate
+#[derive(Parser, Debug)]
+#[command(name = "meshsign", version, verbatim_doc_comment)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the CA server.
+    ///
+    /// Without --config, runs in dev mode: a root and an intermediate (ECDSA
+    /// P-256) are created in the state directory on first start and reused
+    /// later, and a local token issuer is trusted so `meshsign token` and
+    /// `meshsign request` work out of the box. With a config file whose `ca.dir`
+    /// names a plug-in CA directory (ca-cert.pem, ca-key.pem, cert-chain.pem,
+    /// root-cert.pem, or tls.crt/tls.key/ca.crt), that CA signs instead; the
+    /// bundle is verified first and start-up stops with the file and reason if
+    /// anything is inconsistent.
+    Serve(ServeArgs),
+    /// Manage CA bundles: create a hierarchy, or check one.
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Mint a service-account-like JWT from the dev token issuer.
+    ///
+    /// The token has Kubernetes projected-token claims (iss, sub
+    /// system:serviceaccount:<ns>:<sa>, aud, exp, kubernetes.io). The issuer's
+    /// key and public jwks.json live in the state directory; dev mode trusts it
+    /// automatically, other configurations can list it under authn.jwt.
+    Token(TokenArgs),
+    /// Act as a workload: make a key and CSR, request a certificate, verify
+    /// the answer and write key.pem, cert-chain.pem and root-cert.pem.
+    ///
+    /// Authenticates with --token (a file), or --cert-dir (mTLS renewal with a
+    /// certificate obtained earlier), or, when neither is given and the state
+    /// directory holds the dev token issuer, with a freshly minted dev token.
+    Request(RequestArgs),
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// YAML configuration file (see config/ for commented examples).
+    #[arg(long, short, env = "MESHSIGN_CONFIG")]
+    config: Option<PathBuf>,
+    /// Override `listen` (host:port).
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// Override `state_dir`.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum CaCommand {
+    /// Create a root and per-cluster signing CAs in Istio's plug-in layout
+    /// (the equivalent of Istio's tools/certs Makefiles).
+    ///
+    /// Writes OUT/root-cert.pem and OUT/root-key.pem, and for each cluster
+    /// OUT/<cluster>/{ca-cert.pem, ca-key.pem, cert-chain.pem, root-cert.pem},
+    /// where cert-chain.pem is the signing CA followed by its issuers up to
+    /// and including the root, as tools/certs writes it. Install with:
+    ///   kubectl create secret generic cacerts -n istio-system --from-file=OUT/<cluster>/
+    #[command(verbatim_doc_comment)]
+    Init(InitArgs),
+    /// Load and verify a CA bundle directory exactly as `serve` would, and
+    /// print what it holds.
+    Check {
+        /// The bundle directory.
+        dir: PathBuf,
+    },
+}
+
+#[derive(Args, Debug)]
+struct InitArgs {
+    /// Output directory.
+    #[arg(long, short)]
+    out: PathBuf,
+    /// Comma-separated cluster names; one signing CA each.
+    #[arg(long, value_delimiter = ',', default_value = "cluster1")]
+    clusters: Vec<String>,
+    /// Key type for every CA key: ecdsa-p256, ecdsa-p384, rsa-2048, rsa-3072, rsa-4096, ed25519.
+    #[arg(long, default_value = "ecdsa-p256")]
+    key_type: KeyType,
+    /// Levels below the root: 1 = root → cluster CA (tools/certs); 2 adds a
+    /// shared intermediate between them, and so on.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=4))]
+    levels: u8,
+    /// Organization (O=) of every CA certificate.
+    #[arg(long, default_value = "Istio")]
+    org: String,
+    /// Root lifetime in days.
+    #[arg(long, default_value_t = 3650)]
+    root_days: i64,
+    /// Intermediate lifetime in days.
+    #[arg(long, default_value_t = 3650)]
+    intermediate_days: i64,
+    /// Overwrite an existing root in OUT.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args, Debug)]
+struct TokenArgs {
+    /// Directory holding the dev token issuer (created if missing).
+    #[arg(long, default_value = ".meshsign")]
+    state_dir: PathBuf,
+    #[arg(long, short, default_value = "default")]
+    namespace: String,
+    #[arg(long, short = 's', default_value = "default")]
+    service_account: String,
+    #[arg(long, default_value = DEFAULT_AUDIENCE)]
+    audience: String,
+    /// The `iss` claim (a different one is useful to test rejection).
+    #[arg(long, default_value = DEV_ISSUER)]
+    issuer: String,
+    /// Lifetime, e.g. 1h, 12h.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    ttl: Duration,
+    /// Mint a token that expired an hour ago.
+    #[arg(long)]
+    expired: bool,
+}
+
+#[derive(Args, Debug)]
+struct RequestArgs {
+    /// CA address, host:port.
+    #[arg(long, default_value = "localhost:15012")]
+    addr: String,
+    /// Root certificate(s) the CA's serving certificate chains to
+    /// [default: <state-dir>/root-cert.pem].
+    #[arg(long)]
+    root: Option<PathBuf>,
+    /// TLS server name [default: the host of --addr].
+    #[arg(long)]
+    server_name: Option<String>,
+    /// Speak plaintext gRPC (only against a server with insecure_plaintext).
+    #[arg(long)]
+    plaintext: bool,
+    /// Dev state directory (dev token issuer, default root).
+    #[arg(long, default_value = ".meshsign")]
+    state_dir: PathBuf,
+    #[arg(long, short, default_value = "default")]
+    namespace: String,
+    #[arg(long, short = 's', default_value = "default")]
+    service_account: String,
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// File holding a bearer token (e.g. a Kubernetes projected token).
+    #[arg(long, conflicts_with = "no_token")]
+    token: Option<PathBuf>,
+    /// Send no token (e.g. to authenticate with --cert-dir only).
+    #[arg(long)]
+    no_token: bool,
+    /// Authenticate with the key.pem/cert-chain.pem in this directory (mTLS renewal).
+    #[arg(long)]
+    cert_dir: Option<PathBuf>,
+    /// Use an ECDSA P-256 key instead of RSA 2048 (istio-agent's default).
+    #[arg(long)]
+    ecdsa: bool,
+    /// Use an ECDSA P-384 key.
+    #[arg(long, conflicts_with = "ecdsa")]
+    ecdsa_p384: bool,
+    /// Requested lifetime (validity_duration); 0 asks for the server default.
+    #[arg(long, default_value = "24h", value_parser = parse_ttl)]
+    ttl: Duration,
+    /// ClusterID header, as istio-agent sends it.
+    #[arg(long, default_value = "Kubernetes")]
+    cluster_id: String,
+    /// Where to write key.pem, cert-chain.pem and root-cert.pem.
+    #[arg(long, short, default_value = "workload-certs")]
+    out: PathBuf,
+}
+
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(s).map_err(|e| e.to_string())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => serve(args).await,
+            Command::Ca(CaCommand::Init(args)) => ca_init(args),
+            Command::Ca(CaCommand::Check { dir }) => ca_check(&dir),
+            Command::Token(args) => token(args),
+            Command::Request(args) => request(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("MESHSIGN_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+async fn serve(args: ServeArgs) -> Result<(), String> {
+    let mut config = match &args.config {
+        Some(path) => Config::from_file(path).map_err(|e| e.to_string())?,
+        None => Config::dev_default(),
+    };
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    if let Some(dir) = args.state_dir {
+        config.state_dir = dir;
+    }
+    let mut running = server::start(&config).await.map_err(|e| e.to_string())?;
+    if let Some(state) = running.dev {
+        let exe = std::env::args().next().unwrap_or_else(|| "meshsign".into());
+        let dir = config.state_dir.display();
+        let how = match state {
+            meshsign::ca::dev::DevCaState::Created => "created",
+            meshsign::ca::dev::DevCaState::Reused => "reused",
+            meshsign::ca::dev::DevCaState::IntermediateRenewed => "reused (intermediate renewed)",
+        };
+        let addr = running.local_addr;
+        let req_addr = if addr.ip().is_unspecified() {
+            format!("localhost:{}", addr.port())
+        } else {
+            addr.to_string()
+        };
+        println!(
+            "meshsign dev CA {how} in {dir} (root: {dir}/root-cert.pem), serving on {addr}.\n\
+             Request a workload certificate from another shell:\n  \
+             {exe} request --addr {req_addr} --state-dir {dir} --out workload-certs\n  \
+             openssl verify -CAfile workload-certs/root-cert.pem -untrusted workload-certs/cert-chain.pem workload-certs/cert-chain.pem"
+        );
+    }
+    tokio::select! {
+        r = running.wait() => r,
+        _ = shutdown_signal() => {
+            tracing::info!("shutting down");
+            running.shutdown().await
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+fn ca_init(args: InitArgs) -> Result<(), String> {
+    let now = OffsetDateTime::now_utc();
+    std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
+    let root_cert_path = args.out.join("root-cert.pem");
+    if root_cert_path.exists() && !args.force {
+        return Err(format!(
+            "{} exists; pass --force to replace the root (every cluster must then be re-issued)",
+            root_cert_path.display()
+        ));
+    }
+    for c in &args.clusters {
+        if c.is_empty() || c.contains('/') || c.starts_with('.') {
+            return Err(format!("invalid cluster name {c:?}"));
+        }
+    }
+    let spec = |cn: &str, locality: Option<&str>, days: i64, path_len: Option<u8>| CaSpec {
+        organization: args.org.clone(),
+        common_name: cn.to_owned(),
+        locality: locality.map(str::to_owned),
+        key_type: args.key_type,
+        validity: time::Duration::days(days),
+        path_len,
+    };
+    let levels = args.levels;
+    let root = generate::root(&spec("Root CA", None, args.root_days, None), now)
+        .map_err(|e| e.to_string())?;
+    generate::write_file(&args.out.join("root-key.pem"), &root.key_pem(), true)
+        .map_err(|e| e.to_string())?;
+    generate::write_file(&root_cert_path, &root.cert_pem, false).map_err(|e| e.to_string())?;
+
+    // Shared intermediates between the root and the cluster CAs (levels > 1).
+    let mut parents = vec![root];
+    for i in 1..levels {
+        let parent = parents.last().ok_or("no parent")?;
+        let cn = format!("Intermediate CA {i}");
+        let ca = generate::intermediate(
+            parent,
+            &spec(&cn, None, args.intermediate_days, Some(levels - i)),
+            now,
+        )
+        .map_err(|e| e.to_string())?;
+        parents.push(ca);
+    }
+    let issuer = parents.last().ok_or("no issuer")?;
+    let root_pem = parents[0].cert_pem.clone();
+    for cluster in &args.clusters {
+        let ca = generate::intermediate(
+            issuer,
+            &spec(
+                "Intermediate CA",
+                Some(cluster),
+                args.intermediate_days,
+                Some(0),
+            ),
+            now,
+        )
+        .map_err(|e| e.to_string())?;
+        // tools/certs: cert-chain.pem = ca-cert.pem followed by its issuers, root included.
+        let mut chain = ca.cert_pem.clone();
+        for p in parents.iter().rev() {
+            chain.push_str(&p.cert_pem);
+        }
+        let dir = args.out.join(cluster);
+        generate::write_istio_layout(&dir, &ca, &chain, &root_pem)
+            .map_err(|e| format!("{}: {e}", dir.display()))?;
+        // Prove it loads exactly as `serve` will load it.
+        Ca::load(&dir, now).map_err(|e| e.to_string())?;
+        println!(
+            "{}: signing CA for cluster {cluster} ({})",
+            dir.display(),
+            args.key_type
+        );
+    }
+    println!(
+        "{}: root ({}); keep root-key.pem offline",
+        args.out.display(),
+        args.key_type
+    );
+    Ok(())
+}
+
+fn ca_check(dir: &Path) -> Result<(), String> {
+    let now = OffsetDateTime::now_utc();
+    let bundle = CaBundle::load(dir, now).map_err(|e| format!("bundle rejected: {e}"))?;
+    println!("{}: {}", dir.display(), bundle.layout);
+    print_summaries(&bundle.describe(), now);
+    let ca = Ca::new(bundle, now).map_err(|e| format!("bundle rejected: {e}"))?;
+    let b = ca.bundle();
+    println!(
+        "signing key: {} ({:?}); leaves expire no later than {} ({} days from now)",
+        b.key_kind,
+        b.scheme,
+        b.not_after,
+        (b.not_after - now).whole_days()
+    );
+    let mut warnings = Vec::new();
+    if b.not_after - now < time::Duration::days(30) {
+        warnings.push(format!(
+            "the signing path expires within 30 days ({})",
+            b.not_after
+        ));
+    }
+    let signing = pki::parse_cert(&b.signing_cert)?;
+    if !signing.iter_extensions().any(|e| {
+        matches!(
+            e.parsed_extension(),
+            x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(_)
+        )
+    }) {
+        warnings.push("the signing certificate has no Subject Key Identifier; leaves will carry no Authority Key Identifier".into());
+    }
+    for w in &warnings {
+        println!("warning: {w}");
+    }
+    println!("OK: test signing verified against the roots");
+    Ok(())
+}
+
+fn print_summaries(items: &[(String, CertSummary)], now: OffsetDateTime) {
+    for (where_, s) in items {
+        println!(
+            "  {where_}\n    subject: {}\n    issuer:  {}\n    key: {}  CA: {}  valid: {} .. {} ({} days left)",
+            s.subject,
+            s.issuer,
+            s.key,
+            s.is_ca,
+            s.not_before.date(),
+            s.not_after.date(),
+            (s.not_after - now).whole_days()
+        );
+    }
+}
+
+fn token(args: TokenArgs) -> Result<(), String> {
+    let issuer = DevTokenIssuer::load_or_create(&args.state_dir)?;
+    let token = issuer.mint(&TokenRequest {
+        namespace: &args.namespace,
+        service_account: &args.service_account,
+        audience: &args.audience,
+        issuer: &args.issuer,
+        ttl: args.ttl,
+        expired: args.expired,
+    })?;
+    println!("{token}");
+    Ok(())
+}
+
+async fn request(args: RequestArgs) -> Result<(), String> {
+    let identity = SpiffeId::new(&args.trust_domain, &args.namespace, &args.service_account)
+        .map_err(|e| e.to_string())?;
+    let roots = if args.plaintext {
+        Vec::new()
+    } else {
+        let path = args
+            .root
+            .clone()
+            .unwrap_or_else(|| args.state_dir.join("root-cert.pem"));
+        let pem = std::fs::read(&path)
+            .map_err(|e| format!("root certificate {}: {e}", path.display()))?;
+        pki::parse_certificates_nonempty(&pem).map_err(|e| format!("{}: {e}", path.display()))?
+    };
+    let client_identity = match &args.cert_dir {
+        Some(dir) => {
+            let chain_pem = std::fs::read(dir.join("cert-chain.pem"))
+                .map_err(|e| format!("{}: {e}", dir.display()))?;
+            let chain = pki::parse_certificates_nonempty(&chain_pem).map_err(|e| e.to_string())?;
+            let key_pem = std::fs::read_to_string(dir.join("key.pem"))
+                .map_err(|e| format!("{}: {e}", dir.display()))?;
+            let key = ::pem::parse(&key_pem).map_err(|e| e.to_string())?;
+            Some((chain, key.into_contents()))
+        }
+        None => None,
+    };
+    let token = if let Some(path) = &args.token {
+        Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| format!("token {}: {e}", path.display()))?
+                .trim()
+                .to_owned(),
+        )
+    } else if args.no_token || args.cert_dir.is_some() {
+        None
+    } else if args.state_dir.join("jwt-signing-key.pem").exists() {
+        let issuer = DevTokenIssuer::load_or_create(&args.state_dir)?;
+        Some(issuer.mint(&TokenRequest::new(&args.namespace, &args.service_account))?)
+    } else {
+        return Err(format!(
+            "no credentials: pass --token FILE or --cert-dir DIR (no dev token issuer in {})",
+            args.state_dir.display()
+        ));
+    };
+
+    let key_type = if args.ecdsa {
+        WorkloadKeyType::EcdsaP256
+    } else if args.ecdsa_p384 {
+        WorkloadKeyType::EcdsaP384
+    } else {
+        WorkloadKeyType::Rsa2048
+    };
+    let key = key_type.generate()?;
+    let csr_pem = client::make_csr(&key, &identity, CsrSubject::IstioAgent)?;
+    let mut ca = client::connect(&CaEndpoint {
+        addr: args.addr.clone(),
+        server_name: args.server_name.clone(),
+        roots,
+        client_identity,
+    })
+    .await?;
+    let ttl_seconds = i64::try_from(args.ttl.as_secs()).map_err(|_| "ttl too large")?;
+    let elements = client::create_certificate(
+        &mut ca,
+        &CertificateRequest {
+            csr_pem,
+            ttl_seconds,
+            token: token.as_deref(),
+            cluster_id: &args.cluster_id,
+        },
+    )
+    .await
+    .map_err(|s| format!("CreateCertificate failed: {:?}: {}", s.code(), s.message()))?;
+    let issued = client::verify_response(&elements, &key, &identity, OffsetDateTime::now_utc())?;
+
+    std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
+    generate::write_file(&args.out.join("key.pem"), &key.serialize_pem(), true)
+        .map_err(|e| e.to_string())?;
+    generate::write_file(&args.out.join("cert-chain.pem"), &issued.chain_pem, false)
+        .map_err(|e| e.to_string())?;
+    generate::write_file(&args.out.join("root-cert.pem"), &issued.root_pem, false)
+        .map_err(|e| e.to_string())?;
+    println!(
+        "issued {identity}\n  serial {}\n  valid {} .. {}\n  chain: {} elements, verified against the returned root\n  wrote {}/{{key.pem,cert-chain.pem,root-cert.pem}}",
+        issued.serial_hex,
+        issued.not_before,
+        issued.not_after,
+        elements.len(),
+        args.out.display()
+    );
+    Ok(())
+}

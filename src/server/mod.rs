@@ -1,0 +1,434 @@
+//! The running server: assembles the CA, the authenticators and the policy
+//! from a validated [`Config`], serves gRPC on one listener (the CA service,
+//! the standard health service and server reflection), and keeps the serving
+//! certificate and the health status fresh in the background.
+//!
+//! Health is real: the CA service reports `SERVING` only while a test signing
+//! verifies against the roots (checked at start and every 30 seconds).
+
+pub mod service;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use time::OffsetDateTime;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic_health::ServingStatus;
+
+use crate::auth::jwt::JwksSource;
+use crate::auth::{Authenticator, JwtAuthenticator, JwtIssuer};
+use crate::ca::dev::{self, DevCaState};
+use crate::ca::{Ca, LeafSpec, SanEntry};
+use crate::config::{CaSource, Config, JwksLocation, ServerTls};
+use crate::proto::istio_certificate_service_server::IstioCertificateServiceServer;
+use crate::token::{DevTokenIssuer, DEFAULT_AUDIENCE, DEV_ISSUER};
+
+pub use service::CertificateService;
+pub use tls::{PeerInfo, ServingCertificate};
+
+/// Why the server could not start. Each message says what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("CA bundle: {0}")]
+    Bundle(#[from] crate::ca::BundleError),
+    #[error("dev token issuer: {0}")]
+    DevIssuer(String),
+    #[error("JWT issuer {issuer}: {reason}")]
+    Jwks { issuer: String, reason: String },
+    #[error("serving certificate: {0}")]
+    ServingCertificate(String),
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen { addr: SocketAddr, reason: String },
+}
+
+/// A started server.
+#[derive(Debug)]
+pub struct RunningServer {
+    pub local_addr: SocketAddr,
+    /// The trust bundle clients must use.
+    pub roots_pem: String,
+    pub dev: Option<DevCaState>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl RunningServer {
+    /// Stops accepting, lets in-flight requests finish, and waits.
+    pub async fn shutdown(mut self) -> Result<(), String> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.wait().await
+    }
+
+    /// Waits until the server stops.
+    pub async fn wait(&mut self) -> Result<(), String> {
+        match (&mut self.task).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
+/// Builds everything from `config` and starts serving.
+pub async fn start(config: &Config) -> Result<RunningServer, StartError> {
+    // reqwest (JWKS over HTTPS) uses the process-wide rustls provider.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let now = OffsetDateTime::now_utc();
+
+    let (ca, dev_state) = match &config.ca {
+        CaSource::Dir(dir) => (Ca::load(dir, now)?, None),
+        CaSource::Dev => {
+            let (ca, state) = dev::ensure(&config.state_dir, config.trust_domain(), now)?;
+            (ca, Some(state))
+        }
+    };
+    log_bundle(&ca);
+    let roots_pem = ca.roots_pem().to_owned();
+    let client_roots = ca.bundle().roots.clone();
+    let ca = Arc::new(ArcSwap::from_pointee(ca));
+
+    let issuers = jwt_issuers(config).await?;
+    let mut trust_domains = vec![config.policy.trust_domain.clone()];
+    trust_domains.extend(config.policy.trust_domain_aliases.iter().cloned());
+    let authenticator = Authenticator::new(
+        config.authn.client_certificates,
+        trust_domains,
+        JwtAuthenticator::new(issuers.clone(), config.policy.trust_domain.clone()),
+    );
+    for issuer in issuers {
+        let refresh = config
+            .authn
+            .jwt
+            .iter()
+            .find(|j| j.issuer == issuer.issuer)
+            .map_or(Duration::from_secs(300), |j| j.refresh);
+        tokio::spawn(refresh_jwks(issuer, refresh));
+    }
+
+    let tls = match &config.server_tls {
+        ServerTls::InsecurePlaintext => {
+            tracing::warn!(
+                "serving PLAINTEXT gRPC (server_tls.insecure_plaintext): for debugging only"
+            );
+            None
+        }
+        other => {
+            let serving = serving_certificate(other, &ca.load())?;
+            if let ServerTls::Issued { .. } = other {
+                tokio::spawn(renew_serving_certificate(
+                    serving.clone(),
+                    ca.clone(),
+                    other.clone(),
+                ));
+            }
+            let cfg = tls::server_config(serving, &client_roots, config.authn.client_certificates)
+                .map_err(StartError::ServingCertificate)?;
+            Some(Arc::new(cfg))
+        }
+    };
+    let plaintext = tls.is_none();
+
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| StartError::Listen {
+            addr: config.listen,
+            reason: e.to_string(),
+        })?;
+    let local_addr = listener.local_addr().map_err(|e| StartError::Listen {
+        addr: config.listen,
+        reason: e.to_string(),
+    })?;
+    let incoming = tls::incoming(listener, tls, config.limits.handshake_timeout);
+
+    let service = Arc::new(CertificateService::new(
+        ca.clone(),
+        authenticator,
+        config.policy.clone(),
+        config.key_policy.clone(),
+        plaintext,
+    ));
+    let ca_service = IstioCertificateServiceServer::new(service)
+        .max_decoding_message_size(config.limits.max_request_bytes);
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    tokio::spawn(watch_health(health_reporter, ca.clone()));
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| StartError::ServingCertificate(format!("reflection: {e}")))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| StartError::ServingCertificate(format!("reflection: {e}")))?;
+
+    let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
+    let router = tonic::transport::Server::builder()
+        .max_concurrent_streams(config.limits.max_concurrent_streams)
+        .timeout(config.limits.request_timeout)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(ca_service)
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
+    let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
+        let _ = shutdown_rx.await;
+    }));
+    tracing::info!(
+        addr = %local_addr,
+        tls = !plaintext,
+        trust_domain = config.trust_domain(),
+        "listening on {local_addr}"
+    );
+    Ok(RunningServer {
+        local_addr,
+        roots_pem,
+        dev: dev_state,
+        shutdown: Some(shutdown_tx),
+        task,
+    })
+}
+
+fn log_bundle(ca: &Ca) {
+    let b = ca.bundle();
+    tracing::info!(
+        dir = %b.dir.display(),
+        layout = %b.layout,
+        key = %b.key_kind,
+        chain = b.chain.len(),
+        roots = b.roots.len(),
+        signer_expires = %b.not_after,
+        "CA bundle loaded and verified"
+    );
+}
+
+async fn jwt_issuers(config: &Config) -> Result<Vec<Arc<JwtIssuer>>, StartError> {
+    let skew = config.authn.clock_skew;
+    let mut out = Vec::new();
+    if config.ca == CaSource::Dev && !config.authn.jwt.iter().any(|j| j.issuer == DEV_ISSUER) {
+        let dev =
+            DevTokenIssuer::load_or_create(&config.state_dir).map_err(StartError::DevIssuer)?;
+        let issuer = JwtIssuer::new(
+            DEV_ISSUER.to_owned(),
+            vec![DEFAULT_AUDIENCE.to_owned()],
+            JwksSource::File(dev.jwks_path()),
+            skew,
+        );
+        issuer
+            .set_jwks(dev.jwks().as_bytes(), None)
+            .map_err(StartError::DevIssuer)?;
+        tracing::info!(jwks = %dev.jwks_path().display(), "dev token issuer {DEV_ISSUER:?} trusted");
+        out.push(Arc::new(issuer));
+    }
+    for j in &config.authn.jwt {
+        let source = match &j.jwks {
+            JwksLocation::File(path) => JwksSource::File(path.clone()),
+            JwksLocation::Uri {
+                url,
+                ca_file,
+                bearer_token_file,
+            } => JwksSource::Uri {
+                url: url.clone(),
+                client: http_client(ca_file.as_deref()).map_err(|reason| StartError::Jwks {
+                    issuer: j.issuer.clone(),
+                    reason,
+                })?,
+                bearer_token_file: bearer_token_file.clone(),
+            },
+        };
+        let issuer = JwtIssuer::new(j.issuer.clone(), j.audiences.clone(), source, skew);
+        match issuer.refresh().await {
+            Ok(n) => tracing::info!(issuer = %j.issuer, keys = n, "JWKS loaded"),
+            // A file is under the operator's control: fail fast. A URL may be
+            // briefly unreachable: keep trying in the background.
+            Err(reason) if matches!(j.jwks, JwksLocation::File(_)) => {
+                return Err(StartError::Jwks {
+                    issuer: j.issuer.clone(),
+                    reason,
+                })
+            }
+            Err(reason) => {
+                tracing::error!(issuer = %j.issuer, %reason, "JWKS not loaded yet; retrying")
+            }
+        }
+        out.push(Arc::new(issuer));
+    }
+    Ok(out)
+}
+
+fn http_client(ca_file: Option<&std::path::Path>) -> Result<reqwest::Client, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            for cert in crate::pki::parse_certificates_nonempty(&pem)
+                .map_err(|e| format!("{}: {e}", path.display()))?
+            {
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+async fn refresh_jwks(issuer: Arc<JwtIssuer>, every: Duration) {
+    let mut last_forced = tokio::time::Instant::now() - Duration::from_secs(3600);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = issuer.refresh_requested() => {
+                // A token named an unknown key: refresh, at most every 10 s.
+                if last_forced.elapsed() < Duration::from_secs(10) {
+                    continue;
+                }
+                last_forced = tokio::time::Instant::now();
+            }
+        }
+        if let Err(reason) = issuer.refresh().await {
+            tracing::warn!(issuer = %issuer.issuer, %reason, "JWKS refresh failed; keeping the previous keys");
+        }
+    }
+}
+
+/// Issues (or loads) the serving certificate for the configured mode.
+fn serving_certificate(mode: &ServerTls, ca: &Ca) -> Result<Arc<ServingCertificate>, StartError> {
+    let key = match mode {
+        ServerTls::Issued { .. } => issue_serving_key(mode, ca),
+        ServerTls::Files { cert, key } => load_serving_files(cert, key),
+        ServerTls::InsecurePlaintext => Err("plaintext has no certificate".into()),
+    }
+    .map_err(StartError::ServingCertificate)?;
+    Ok(ServingCertificate::new(key))
+}
+
+fn load_serving_files(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<rustls::sign::CertifiedKey, String> {
+    let chain_pem = std::fs::read(cert).map_err(|e| format!("{}: {e}", cert.display()))?;
+    let chain = crate::pki::parse_certificates_nonempty(&chain_pem)
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    let key_pem = std::fs::read_to_string(key).map_err(|e| format!("{}: {e}", key.display()))?;
+    let block = ::pem::parse(&key_pem).map_err(|e| format!("{}: {e}", key.display()))?;
+    let der = match block.tag() {
+        "PRIVATE KEY" => PrivateKeyDer::Pkcs8(block.into_contents().into()),
+        "RSA PRIVATE KEY" => PrivateKeyDer::Pkcs1(block.into_contents().into()),
+        "EC PRIVATE KEY" => PrivateKeyDer::Sec1(block.into_contents().into()),
+        other => return Err(format!("{}: unexpected PEM block {other:?}", key.display())),
+    };
+    tls::certified_key(chain, der)
+}
+
+/// A fresh P-256 key and a certificate for the configured names, signed by the
+/// CA and presented with the chain up to (not including) the root.
+fn issue_serving_key(mode: &ServerTls, ca: &Ca) -> Result<rustls::sign::CertifiedKey, String> {
+    let ServerTls::Issued {
+        dns_names,
+        ip_addresses,
+        ttl,
+    } = mode
+    else {
+        return Err("not an issued serving certificate".into());
+    };
+    let key =
+        rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| e.to_string())?;
+    let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
+    let sans: Vec<SanEntry> = dns_names
+        .iter()
+        .cloned()
+        .map(SanEntry::Dns)
+        .chain(ip_addresses.iter().copied().map(SanEntry::Ip))
+        .collect();
+    let now = OffsetDateTime::now_utc();
+    let leaf = ca
+        .sign(&LeafSpec {
+            spki_der: &spki,
+            common_name: None,
+            sans: &sans,
+            not_before: now - time::Duration::minutes(5),
+            not_after: now + *ttl,
+        })
+        .map_err(|e| e.to_string())?;
+    let roots = &ca.bundle().roots;
+    let mut chain: Vec<CertificateDer<'static>> = vec![leaf];
+    chain.extend(
+        ca.bundle()
+            .chain
+            .iter()
+            .filter(|c| !roots.iter().any(|r| r.as_ref() == c.as_ref()))
+            .cloned(),
+    );
+    tls::certified_key(chain, PrivateKeyDer::Pkcs8(key.serialize_der().into()))
+}
+
+/// Re-issues the serving certificate at half its lifetime.
+async fn renew_serving_certificate(
+    serving: Arc<ServingCertificate>,
+    ca: Arc<ArcSwap<Ca>>,
+    mode: ServerTls,
+) {
+    let ServerTls::Issued { ttl, .. } = &mode else {
+        return;
+    };
+    let mut wait = *ttl / 2;
+    loop {
+        tokio::time::sleep(wait).await;
+        match issue_serving_key(&mode, &ca.load()) {
+            Ok(key) => {
+                serving.replace(key);
+                tracing::info!("serving certificate renewed");
+                wait = *ttl / 2;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "serving certificate renewal failed; retrying in 1m");
+                wait = Duration::from_secs(60);
+            }
+        }
+    }
+}
+
+async fn watch_health(reporter: tonic_health::server::HealthReporter, ca: Arc<ArcSwap<Ca>>) {
+    let mut last = None;
+    loop {
+        let status = match ca.load().self_test(OffsetDateTime::now_utc()) {
+            Ok(()) => ServingStatus::Serving,
+            Err(e) => {
+                tracing::error!(error = %e, "CA self-test failed: reporting NOT_SERVING");
+                ServingStatus::NotServing
+            }
+        };
+        if last != Some(status) {
+            reporter.set_service_status("", status).await;
+            reporter
+                .set_service_status(crate::proto::SERVICE_NAME, status)
+                .await;
+            last = Some(status);
+        }
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    }
+}

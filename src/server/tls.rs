@@ -1,0 +1,247 @@
+//! The transport: accepting TCP connections, the TLS handshake, and what the
+//! rest of the server learns about a connection ([`PeerInfo`]).
+//!
+//! TLS 1.2 and 1.3 with ALPN `h2` (gRPC clients require it). Client
+//! certificates are requested and, when given, verified against the mesh roots
+//! (istiod's `VerifyClientCertIfGiven`); a connection without one is still
+//! accepted so bearer tokens can authenticate. Handshakes run in their own
+//! tasks with a timeout, so a slow or hostile client cannot stall the accept loop.
+//!
+//! The serving certificate comes from a [`ServingCertificate`] that can be
+//! swapped at any time (renewal) without touching open connections.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::RootCertStore;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use tonic::transport::server::Connected;
+
+/// What the server knows about the other end of a connection.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    pub remote: Option<SocketAddr>,
+    /// False only on the insecure plaintext listener.
+    pub tls: bool,
+    /// The client's verified leaf certificate, if it sent one.
+    pub client_certificate: Option<CertificateDer<'static>>,
+}
+
+/// An accepted connection, TLS or (insecure mode) plaintext.
+pub enum Conn {
+    Tls(Box<TlsStream<TcpStream>>, PeerInfo),
+    Plain(TcpStream, PeerInfo),
+}
+
+impl Connected for Conn {
+    type ConnectInfo = PeerInfo;
+    fn connect_info(&self) -> PeerInfo {
+        match self {
+            Conn::Tls(_, p) | Conn::Plain(_, p) => p.clone(),
+        }
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Conn::Plain(s, _) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Conn::Plain(s, _) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_flush(cx),
+            Conn::Plain(s, _) => Pin::new(s).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Conn::Plain(s, _) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            Conn::Plain(s, _) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Conn::Tls(s, _) => s.is_write_vectored(),
+            Conn::Plain(s, _) => s.is_write_vectored(),
+        }
+    }
+}
+
+/// The serving certificate and key, replaceable at run time.
+#[derive(Debug)]
+pub struct ServingCertificate {
+    current: ArcSwap<CertifiedKey>,
+}
+
+impl ServingCertificate {
+    pub fn new(key: CertifiedKey) -> Arc<Self> {
+        Arc::new(Self {
+            current: ArcSwap::from_pointee(key),
+        })
+    }
+
+    pub fn replace(&self, key: CertifiedKey) {
+        self.current.store(Arc::new(key));
+    }
+
+    pub fn current(&self) -> Arc<CertifiedKey> {
+        self.current.load_full()
+    }
+}
+
+#[derive(Debug)]
+struct Resolver(Arc<ServingCertificate>);
+
+impl ResolvesServerCert for Resolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.current())
+    }
+}
+
+/// Builds a `CertifiedKey` from a chain and a PKCS#8/PKCS#1/SEC1 DER key.
+pub fn certified_key(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<CertifiedKey, String> {
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
+    let signing_key = provider
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| format!("unusable serving key: {e}"))?;
+    Ok(CertifiedKey::new(chain, signing_key))
+}
+
+/// The rustls server configuration: TLS 1.2+, ALPN h2, optional client
+/// certificates verified against `client_roots`.
+pub fn server_config(
+    serving: Arc<ServingCertificate>,
+    client_roots: &[CertificateDer<'static>],
+    request_client_certs: bool,
+) -> Result<rustls::ServerConfig, String> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| e.to_string())?;
+    let mut config = if request_client_certs {
+        let mut roots = RootCertStore::empty();
+        for root in client_roots {
+            roots
+                .add(root.clone())
+                .map_err(|e| format!("root certificate unusable as a trust anchor: {e}"))?;
+        }
+        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| e.to_string())?;
+        builder
+            .with_client_cert_verifier(verifier)
+            .with_cert_resolver(Arc::new(Resolver(serving)))
+    } else {
+        builder
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(Resolver(serving)))
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    config.session_storage = rustls::server::ServerSessionMemoryCache::new(16 * 1024);
+    config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().map_err(|e| e.to_string())?;
+    Ok(config)
+}
+
+/// Accepts connections on `listener` and yields them once their handshake is
+/// done; `tls = None` serves plaintext.
+pub fn incoming(
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    handshake_timeout: Duration,
+) -> tokio_stream::wrappers::ReceiverStream<io::Result<Conn>> {
+    let (tx, rx) = mpsc::channel::<io::Result<Conn>>(256);
+    let acceptor = tls.map(TlsAcceptor::from);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, remote) = match listener.accept().await {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let tx = tx.clone();
+            let Some(acceptor) = acceptor.clone() else {
+                let peer = PeerInfo {
+                    remote: Some(remote),
+                    tls: false,
+                    client_certificate: None,
+                };
+                if tx.send(Ok(Conn::Plain(tcp, peer))).await.is_err() {
+                    return;
+                }
+                continue;
+            };
+            tokio::spawn(async move {
+                match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let client_certificate = stream
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|c| c.first())
+                            .map(|c| c.clone().into_owned());
+                        let peer = PeerInfo {
+                            remote: Some(remote),
+                            tls: true,
+                            client_certificate,
+                        };
+                        let _ = tx.send(Ok(Conn::Tls(Box::new(stream), peer))).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(%remote, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
