@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use rcgen::{CertificateParams, CustomExtension, DistinguishedName, DnType, KeyPair};
+use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use time::OffsetDateTime;
 use tokio::net::TcpStream;
@@ -89,12 +90,17 @@ pub struct CaEndpoint {
     pub server_name: Option<String>,
     /// Roots that the CA's serving certificate must chain to. Empty = plaintext.
     pub roots: Vec<CertificateDer<'static>>,
-    /// Client certificate chain and key (PKCS#8 DER) for mTLS renewal.
-    pub client_identity: Option<(Vec<CertificateDer<'static>>, Vec<u8>)>,
+    /// Client certificate chain and its private key (PEM: PKCS#8, PKCS#1 or SEC1) for mTLS renewal.
+    pub client_identity: Option<(Vec<CertificateDer<'static>>, String)>,
 }
 
 /// Connects to the CA. Plaintext when `roots` is empty.
 pub async fn connect(ep: &CaEndpoint) -> Result<IstioCertificateServiceClient<Channel>, String> {
+    Ok(IstioCertificateServiceClient::new(channel(ep).await?))
+}
+
+/// Opens a gRPC channel to the CA (for any of its services).
+pub async fn channel(ep: &CaEndpoint) -> Result<Channel, String> {
     let endpoint = Endpoint::from_shared(format!("http://{}", ep.addr))
         .map_err(|e| format!("bad address {:?}: {e}", ep.addr))?
         .connect_timeout(Duration::from_secs(5))
@@ -104,7 +110,7 @@ pub async fn connect(ep: &CaEndpoint) -> Result<IstioCertificateServiceClient<Ch
             .connect()
             .await
             .map_err(|e| format!("connect {}: {e}", ep.addr))?;
-        return Ok(IstioCertificateServiceClient::new(channel));
+        return Ok(channel);
     }
     let tls = Arc::new(client_tls_config(ep)?);
     let host = ep
@@ -129,11 +135,10 @@ pub async fn connect(ep: &CaEndpoint) -> Result<IstioCertificateServiceClient<Ch
             Ok::<_, std::io::Error>(TokioIo::new(stream))
         }
     });
-    let channel = endpoint
+    endpoint
         .connect_with_connector(connector)
         .await
-        .map_err(|e| format!("connect {}: {}", ep.addr, error_chain(&e)))?;
-    Ok(IstioCertificateServiceClient::new(channel))
+        .map_err(|e| format!("connect {}: {}", ep.addr, error_chain(&e)))
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -163,9 +168,13 @@ pub fn client_tls_config(ep: &CaEndpoint) -> Result<rustls::ClientConfig, String
     .map_err(|e| e.to_string())?
     .with_root_certificates(roots);
     let mut config = match &ep.client_identity {
-        Some((chain, key)) => builder
-            .with_client_auth_cert(chain.clone(), PrivateKeyDer::Pkcs8(key.clone().into()))
-            .map_err(|e| format!("bad client certificate: {e}"))?,
+        Some((chain, key_pem)) => {
+            let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+                .map_err(|e| format!("bad client key: {e}"))?;
+            builder
+                .with_client_auth_cert(chain.clone(), key)
+                .map_err(|e| format!("bad client certificate: {e}"))?
+        }
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![b"h2".to_vec()];

@@ -140,9 +140,8 @@ pub fn validate(pem_text: &str, keys: &KeyPolicy) -> Result<ValidatedCsr, CsrErr
         return Err(CsrError::Der("trailing data after the CSR".into()));
     }
 
-    check_signature_algorithm(&csr.signature_algorithm.algorithm)?;
-    csr.verify_signature().map_err(|_| CsrError::BadSignature)?;
-
+    // The key policy comes first: its message is the precise one for weak
+    // keys, which the verifier would refuse anyway.
     let info = &csr.certification_request_info;
     let key = KeyKind::of_spki(&info.subject_pki);
     if !keys.allows(key) {
@@ -151,6 +150,8 @@ pub fn validate(pem_text: &str, keys: &KeyPolicy) -> Result<ValidatedCsr, CsrErr
             allowed: keys.describe(),
         });
     }
+    check_signature_algorithm(&csr.signature_algorithm.algorithm)?;
+    csr.verify_signature().map_err(|_| CsrError::BadSignature)?;
 
     let mut uris: Vec<&str> = Vec::with_capacity(1);
     if let Some(extensions) = csr.requested_extensions() {

@@ -473,8 +473,7 @@ async fn request(args: RequestArgs) -> Result<(), String> {
             let chain = pki::parse_certificates_nonempty(&chain_pem).map_err(|e| e.to_string())?;
             let key_pem = std::fs::read_to_string(dir.join("key.pem"))
                 .map_err(|e| format!("{}: {e}", dir.display()))?;
-            let key = ::pem::parse(&key_pem).map_err(|e| e.to_string())?;
-            Some((chain, key.into_contents()))
+            Some((chain, key_pem))
         }
         None => None,
     };

@@ -286,13 +286,15 @@ impl CaBundle {
                     ),
                 ))
             }
-            Some(_) => return Err(BundleError::new(
-                &paths.chain,
-                format!(
+            Some(_) => {
+                return Err(BundleError::new(
+                    &paths.chain,
+                    format!(
                     "must start with the signing certificate ({}), then its issuers up to the root",
                     file_name(&paths.cert)
                 ),
-            )),
+                ))
+            }
         }
 
         let not_after = verify_path(&signing_cert, &chain, &roots, now, paths)?;

@@ -1,0 +1,246 @@
+//! CA bundle loading: good bundles load, and every inconsistency stops
+//! start-up with the file and the reason.
+
+mod common;
+
+use std::path::Path;
+
+use meshsign::ca::generate::{self, CaSpec, KeyType};
+use meshsign::ca::{Ca, CaBundle, Layout};
+use meshsign::config::Config;
+use time::{Duration, OffsetDateTime};
+
+fn copy(from: &Path, name: &str, to: &Path, as_name: &str) {
+    std::fs::copy(from.join(name), to.join(as_name)).unwrap();
+}
+
+/// A copy of the sample bundle with `replace` applied (file → sample file).
+fn sample_with(replace: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let samples = common::istio_samples();
+    for f in [
+        "ca-cert.pem",
+        "ca-key.pem",
+        "cert-chain.pem",
+        "root-cert.pem",
+    ] {
+        let src = replace
+            .iter()
+            .find(|(to, _)| *to == f)
+            .map_or(f, |(_, from)| *from);
+        copy(&samples, src, dir.path(), f);
+    }
+    dir
+}
+
+fn load_err(dir: &Path) -> String {
+    let err = Ca::load(dir, OffsetDateTime::now_utc()).expect_err("bundle must be refused");
+    err.to_string()
+}
+
+#[test]
+fn istio_sample_bundle_loads() {
+    let ca = Ca::load(&common::istio_samples(), OffsetDateTime::now_utc()).unwrap();
+    assert_eq!(ca.bundle().layout, Layout::Istio);
+    assert_eq!(ca.bundle().key_kind.to_string(), "RSA 2048");
+    assert_eq!(ca.response_tail().len(), 2);
+}
+
+#[test]
+fn multi_root_bundle_is_one_last_element() {
+    let dir = sample_with(&[("root-cert.pem", "root-cert-combined.pem")]);
+    let ca = Ca::load(dir.path(), OffsetDateTime::now_utc()).unwrap();
+    assert_eq!(ca.bundle().roots.len(), 2);
+    let last = ca.response_tail().last().unwrap();
+    assert_eq!(last.matches("BEGIN CERTIFICATE").count(), 2);
+}
+
+#[test]
+fn istio_alt_2_sample_key_really_does_not_match_its_certificate() {
+    // Istio's ca-key-alt-2.pem (PKCS#8, RSA 4096) is not the key of
+    // ca-cert-alt-2.pem (`openssl pkey -pubout` and `openssl x509 -pubkey`
+    // differ); the bundle must be refused with that reason.
+    let dir = sample_with(&[
+        ("ca-cert.pem", "ca-cert-alt-2.pem"),
+        ("ca-key.pem", "ca-key-alt-2.pem"),
+        ("cert-chain.pem", "cert-chain-alt-2.pem"),
+        ("root-cert.pem", "root-cert-alt.pem"),
+    ]);
+    let err = load_err(dir.path());
+    assert!(
+        err.contains("ca-key.pem") && err.contains("does not match"),
+        "{err}"
+    );
+}
+
+#[test]
+fn pkcs8_and_sec1_keys_load() {
+    // The sample's PKCS#1 key re-encoded as PKCS#8.
+    let dir = sample_with(&[]);
+    let pkcs1 = std::fs::read_to_string(dir.path().join("ca-key.pem")).unwrap();
+    assert!(pkcs1.starts_with("-----BEGIN RSA PRIVATE KEY-----"));
+    let pkcs8 = rcgen::KeyPair::from_pem(&pkcs1).unwrap().serialize_pem();
+    assert!(pkcs8.starts_with("-----BEGIN PRIVATE KEY-----"));
+    std::fs::write(dir.path().join("ca-key.pem"), pkcs8).unwrap();
+    Ca::load(dir.path(), OffsetDateTime::now_utc()).unwrap();
+
+    // An openssl-made P-384 SEC1 key, self-signed root as signing CA and an
+    // empty cert-chain.pem (istiod's self-signed layout): [leaf, root].
+    let sec1 = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/testdata/sec1-self-signed");
+    let ca = Ca::load(&sec1, OffsetDateTime::now_utc()).unwrap();
+    assert_eq!(ca.bundle().key_kind.to_string(), "ECDSA P-384");
+    assert_eq!(ca.response_tail().len(), 1);
+}
+
+#[test]
+fn key_that_does_not_match_is_refused() {
+    let dir = sample_with(&[("ca-key.pem", "ca-key-alt-2.pem")]);
+    let err = load_err(dir.path());
+    assert!(
+        err.contains("ca-key.pem") && err.contains("does not match the certificate in ca-cert.pem"),
+        "{err}"
+    );
+}
+
+#[test]
+fn wrong_root_is_refused() {
+    let dir = sample_with(&[("root-cert.pem", "root-cert-alt.pem")]);
+    let err = load_err(dir.path());
+    assert!(
+        err.contains("cert-chain.pem")
+            && err.contains("cannot verify ca-cert.pem up to a root in root-cert.pem"),
+        "{err}"
+    );
+}
+
+#[test]
+fn non_ca_signing_certificate_is_refused() {
+    let dir = sample_with(&[
+        ("ca-cert.pem", "workload-foo-cert.pem"),
+        ("ca-key.pem", "workload-foo-key.pem"),
+    ]);
+    let err = load_err(dir.path());
+    assert!(
+        err.contains("ca-cert.pem") && err.contains("not authorized to sign other certificates"),
+        "{err}"
+    );
+}
+
+#[test]
+fn chain_not_starting_with_the_signing_certificate_is_refused() {
+    let dir = sample_with(&[("cert-chain.pem", "root-cert.pem")]);
+    let err = load_err(dir.path());
+    assert!(
+        err.contains("cert-chain.pem") && err.contains("must start with the signing certificate"),
+        "{err}"
+    );
+}
+
+#[test]
+fn incomplete_bundle_names_what_is_missing() {
+    let dir = sample_with(&[]);
+    std::fs::remove_file(dir.path().join("cert-chain.pem")).unwrap();
+    let err = load_err(dir.path());
+    assert!(
+        err.contains("cert-chain.pem") && err.contains("incomplete signing CA bundle"),
+        "{err}"
+    );
+}
+
+#[test]
+fn garbage_and_encrypted_keys_are_refused() {
+    let dir = sample_with(&[]);
+    std::fs::write(
+        dir.path().join("ca-key.pem"),
+        "-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAAA\n-----END ENCRYPTED PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    let err = load_err(dir.path());
+    assert!(
+        err.contains("ca-key.pem") && err.contains("encrypted"),
+        "{err}"
+    );
+    std::fs::write(dir.path().join("root-cert.pem"), "not pem").unwrap();
+    std::fs::copy(
+        common::istio_samples().join("ca-key.pem"),
+        dir.path().join("ca-key.pem"),
+    )
+    .unwrap();
+    let err = load_err(dir.path());
+    assert!(err.contains("root-cert.pem"), "{err}");
+}
+
+#[test]
+fn expired_signing_certificate_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let long_ago = OffsetDateTime::now_utc() - Duration::days(400);
+    let spec = |cn: &str, days: i64| CaSpec {
+        organization: "test".into(),
+        common_name: cn.into(),
+        locality: None,
+        key_type: KeyType::EcdsaP384,
+        validity: Duration::days(days),
+        path_len: None,
+    };
+    let root = generate::root(&spec("root", 3650), long_ago).unwrap();
+    let inter = generate::intermediate(&root, &spec("old", 30), long_ago).unwrap();
+    generate::write_istio_layout(dir.path(), &inter, &inter.cert_pem, &root.cert_pem).unwrap();
+    let err = load_err(dir.path());
+    assert!(
+        err.contains("ca-cert.pem") && err.contains("expired at"),
+        "{err}"
+    );
+}
+
+#[test]
+fn kubernetes_tls_layout_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let samples = common::istio_samples();
+    copy(&samples, "ca-cert.pem", dir.path(), "tls.crt");
+    copy(&samples, "ca-key.pem", dir.path(), "tls.key");
+    copy(&samples, "root-cert.pem", dir.path(), "ca.crt");
+    let bundle = CaBundle::load(dir.path(), OffsetDateTime::now_utc()).unwrap();
+    assert_eq!(bundle.layout, Layout::KubernetesTls);
+    let ca = Ca::new(bundle, OffsetDateTime::now_utc()).unwrap();
+    // [tls.crt certs..., ca.crt certs..., ca.crt], as istiod.
+    assert_eq!(ca.response_tail().len(), 3);
+}
+
+#[test]
+fn every_supported_ca_key_type_signs() {
+    for kt in [
+        KeyType::EcdsaP256,
+        KeyType::EcdsaP384,
+        KeyType::Rsa2048,
+        KeyType::Ed25519,
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let now = OffsetDateTime::now_utc();
+        let spec = |cn: &str| CaSpec {
+            organization: "test".into(),
+            common_name: cn.into(),
+            locality: None,
+            key_type: kt,
+            validity: Duration::days(10),
+            path_len: None,
+        };
+        let root = generate::root(&spec("root"), now).unwrap();
+        let inter = generate::intermediate(&root, &spec("inter"), now).unwrap();
+        generate::write_istio_layout(dir.path(), &inter, &inter.cert_pem, &root.cert_pem).unwrap();
+        Ca::load(dir.path(), now).unwrap_or_else(|e| panic!("{kt}: {e}"));
+    }
+}
+
+#[tokio::test]
+async fn server_refuses_to_start_on_a_bad_bundle() {
+    let dir = sample_with(&[("ca-key.pem", "ca-key-alt-2.pem")]);
+    let config = Config::from_yaml(&format!(
+        "listen: \"127.0.0.1:0\"\nca: {{ dir: {:?} }}\nauthn: {{ client_certificates: true }}\n",
+        dir.path().display().to_string()
+    ))
+    .unwrap();
+    let err = meshsign::server::start(&config)
+        .await
+        .expect_err("must not start");
+    assert!(err.to_string().contains("ca-key.pem"), "{err}");
+}

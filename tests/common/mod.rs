@@ -1,0 +1,348 @@
+//! Shared helpers for the integration tests: start a real meshsign server on
+//! a loopback port, mint tokens, and act as workloads against it.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use meshsign::client::{
+    self, CaEndpoint, CertificateRequest, CsrSubject, IssuedCertificate, WorkloadKeyType,
+};
+use meshsign::config::Config;
+use meshsign::pki;
+use meshsign::server::{self, RunningServer};
+use meshsign::spiffe::SpiffeId;
+use meshsign::token::{DevTokenIssuer, TokenRequest};
+use rcgen::KeyPair;
+use rustls_pki_types::CertificateDer;
+use time::OffsetDateTime;
+use tonic::Code;
+
+/// The Istio sample plug-in bundle, checked into tests/testdata.
+pub fn istio_samples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/testdata/istio-samples")
+}
+
+/// A server under test plus what clients need to reach it.
+pub struct TestServer {
+    pub server: RunningServer,
+    pub dir: tempfile::TempDir,
+    pub issuer: DevTokenIssuer,
+    pub roots: Vec<CertificateDer<'static>>,
+}
+
+impl TestServer {
+    /// Dev mode (self-made CA) with `extra_yaml` appended to the config.
+    pub async fn dev(extra_yaml: &str) -> TestServer {
+        Self::start(None, extra_yaml).await
+    }
+
+    /// A plug-in CA directory, trusting a fresh dev token issuer through `authn.jwt`.
+    pub async fn with_ca_dir(ca_dir: &Path, extra_yaml: &str) -> TestServer {
+        Self::start(Some(ca_dir), extra_yaml).await
+    }
+
+    async fn start(ca_dir: Option<&Path>, extra_yaml: &str) -> TestServer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("state");
+        let issuer = DevTokenIssuer::load_or_create(&state).expect("dev issuer");
+        let mut yaml = format!(
+            "listen: \"127.0.0.1:0\"\nstate_dir: {:?}\n",
+            state.display().to_string()
+        );
+        if let Some(ca) = ca_dir {
+            yaml.push_str(&format!(
+                "ca: {{ dir: {:?} }}\nauthn:\n  jwt:\n    - issuer: meshsign-dev\n      jwks_file: {:?}\n",
+                ca.display().to_string(),
+                issuer.jwks_path().display().to_string()
+            ));
+        }
+        yaml.push_str(extra_yaml);
+        let config = Config::from_yaml(&yaml).unwrap_or_else(|e| panic!("config {yaml}: {e}"));
+        let server = server::start(&config).await.expect("server starts");
+        let roots = pki::parse_certificates_nonempty(server.roots_pem.as_bytes()).expect("roots");
+        TestServer {
+            server,
+            dir,
+            issuer,
+            roots,
+        }
+    }
+
+    pub fn addr(&self) -> String {
+        format!("localhost:{}", self.server.local_addr.port())
+    }
+
+    pub fn endpoint(&self) -> CaEndpoint {
+        CaEndpoint {
+            addr: self.addr(),
+            server_name: None,
+            roots: self.roots.clone(),
+            client_identity: None,
+        }
+    }
+
+    pub fn token(&self, ns: &str, sa: &str) -> String {
+        self.issuer.mint(&TokenRequest::new(ns, sa)).expect("mint")
+    }
+
+    pub fn token_with(&self, req: &TokenRequest<'_>) -> String {
+        self.issuer.mint(req).expect("mint")
+    }
+}
+
+/// A workload: a key, its identity, and what it was issued.
+pub struct Workload {
+    pub id: SpiffeId,
+    pub key: KeyPair,
+}
+
+impl Workload {
+    pub fn new(ns: &str, sa: &str, key_type: WorkloadKeyType) -> Workload {
+        Workload {
+            id: SpiffeId::new("cluster.local", ns, sa).expect("id"),
+            key: key_type.generate().expect("key"),
+        }
+    }
+
+    pub fn csr(&self) -> String {
+        client::make_csr(&self.key, &self.id, CsrSubject::IstioAgent).expect("csr")
+    }
+
+    /// Requests a certificate with a bearer token and verifies the answer.
+    pub async fn obtain(
+        &self,
+        ep: &CaEndpoint,
+        token: Option<&str>,
+        ttl: i64,
+    ) -> Result<(Vec<String>, IssuedCertificate), (Code, String)> {
+        let mut ca = client::connect(ep)
+            .await
+            .map_err(|e| (Code::Unavailable, e))?;
+        let elements = client::create_certificate(
+            &mut ca,
+            &CertificateRequest {
+                csr_pem: self.csr(),
+                ttl_seconds: ttl,
+                token,
+                cluster_id: "Kubernetes",
+            },
+        )
+        .await
+        .map_err(|s| (s.code(), s.message().to_owned()))?;
+        let issued =
+            client::verify_response(&elements, &self.key, &self.id, OffsetDateTime::now_utc())
+                .map_err(|e| (Code::Internal, format!("response does not verify: {e}")))?;
+        Ok((elements, issued))
+    }
+
+    /// mTLS identity for renewal: chain (leaf + intermediates) and key PEM.
+    pub fn client_identity(
+        &self,
+        issued: &IssuedCertificate,
+    ) -> (Vec<CertificateDer<'static>>, String) {
+        let chain = pki::parse_certificates_nonempty(issued.chain_pem.as_bytes()).expect("chain");
+        (chain, self.key.serialize_pem())
+    }
+}
+
+/// Sends a raw CSR and returns the outcome code and message.
+pub async fn send(
+    ep: &CaEndpoint,
+    csr_pem: String,
+    token: Option<&str>,
+    ttl: i64,
+) -> (Code, String, Vec<String>) {
+    let mut ca = client::connect(ep).await.expect("connect");
+    match client::create_certificate(
+        &mut ca,
+        &CertificateRequest {
+            csr_pem,
+            ttl_seconds: ttl,
+            token,
+            cluster_id: "Kubernetes",
+        },
+    )
+    .await
+    {
+        Ok(chain) => (Code::Ok, String::new(), chain),
+        Err(s) => (s.code(), s.message().to_owned(), Vec::new()),
+    }
+}
+
+/// rustls verifiers that check a peer's chain against the mesh root and its
+/// SPIFFE ID, as an Istio sidecar does (no DNS names involved).
+pub mod spiffe_tls {
+    use super::*;
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+    use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+    use rustls_pki_types::{ServerName, UnixTime};
+
+    #[derive(Debug)]
+    pub struct SpiffePeerVerifier {
+        pub roots: Vec<CertificateDer<'static>>,
+        pub expected: SpiffeId,
+        pub trust_domains: Vec<String>,
+    }
+
+    impl SpiffePeerVerifier {
+        fn check(
+            &self,
+            end_entity: &CertificateDer<'_>,
+            intermediates: &[CertificateDer<'_>],
+        ) -> Result<(), rustls::Error> {
+            let inter: Vec<CertificateDer<'static>> = intermediates
+                .iter()
+                .map(|c| c.clone().into_owned())
+                .collect();
+            pki::verify_chain(end_entity, &inter, &self.roots, OffsetDateTime::now_utc())
+                .map_err(rustls::Error::General)?;
+            let id = meshsign::auth::identity_from_certificate(end_entity, &self.trust_domains)
+                .map_err(rustls::Error::General)?;
+            if id != self.expected {
+                return Err(rustls::Error::General(format!(
+                    "peer is {id}, expected {}",
+                    self.expected
+                )));
+            }
+            Ok(())
+        }
+
+        fn provider() -> rustls::crypto::CryptoProvider {
+            rustls::crypto::aws_lc_rs::default_provider()
+        }
+    }
+
+    impl ServerCertVerifier for SpiffePeerVerifier {
+        fn verify_server_cert(
+            &self,
+            end_entity: &CertificateDer<'_>,
+            intermediates: &[CertificateDer<'_>],
+            _server_name: &ServerName<'_>,
+            _ocsp: &[u8],
+            _now: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            self.check(end_entity, intermediates)?;
+            Ok(ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            m: &[u8],
+            c: &CertificateDer<'_>,
+            d: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                m,
+                c,
+                d,
+                &Self::provider().signature_verification_algorithms,
+            )
+        }
+        fn verify_tls13_signature(
+            &self,
+            m: &[u8],
+            c: &CertificateDer<'_>,
+            d: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                m,
+                c,
+                d,
+                &Self::provider().signature_verification_algorithms,
+            )
+        }
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            Self::provider()
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    }
+
+    impl ClientCertVerifier for SpiffePeerVerifier {
+        fn root_hint_subjects(&self) -> &[DistinguishedName] {
+            &[]
+        }
+        fn verify_client_cert(
+            &self,
+            end_entity: &CertificateDer<'_>,
+            intermediates: &[CertificateDer<'_>],
+            _now: UnixTime,
+        ) -> Result<ClientCertVerified, rustls::Error> {
+            self.check(end_entity, intermediates)?;
+            Ok(ClientCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            m: &[u8],
+            c: &CertificateDer<'_>,
+            d: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                m,
+                c,
+                d,
+                &Self::provider().signature_verification_algorithms,
+            )
+        }
+        fn verify_tls13_signature(
+            &self,
+            m: &[u8],
+            c: &CertificateDer<'_>,
+            d: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                m,
+                c,
+                d,
+                &Self::provider().signature_verification_algorithms,
+            )
+        }
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            Self::provider()
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    }
+
+    fn pem_key(pem: &str) -> rustls_pki_types::PrivateKeyDer<'static> {
+        use rustls_pki_types::pem::PemObject;
+        rustls_pki_types::PrivateKeyDer::from_pem_slice(pem.as_bytes()).expect("key PEM")
+    }
+
+    /// Builds `(server_config, client_config)` for two workloads that
+    /// authenticate each other by SPIFFE ID.
+    pub fn mutual_configs(
+        server: (&Workload, &IssuedCertificate),
+        client: (&Workload, &IssuedCertificate),
+        roots: &[CertificateDer<'static>],
+    ) -> (rustls::ServerConfig, rustls::ClientConfig) {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let (s_chain, s_key) = server.0.client_identity(server.1);
+        let (c_chain, c_key) = client.0.client_identity(client.1);
+        let td = vec!["cluster.local".to_owned()];
+        let server_cfg = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_client_cert_verifier(Arc::new(SpiffePeerVerifier {
+                roots: roots.to_vec(),
+                expected: client.0.id.clone(),
+                trust_domains: td.clone(),
+            }))
+            .with_single_cert(s_chain, pem_key(&s_key))
+            .expect("server cert");
+        let client_cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(SpiffePeerVerifier {
+                roots: roots.to_vec(),
+                expected: server.0.id.clone(),
+                trust_domains: td,
+            }))
+            .with_client_auth_cert(c_chain, pem_key(&c_key))
+            .expect("client cert");
+        (server_cfg, client_cfg)
+    }
+}

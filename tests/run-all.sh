@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# meshsign's test command (the one the README gives and CI runs):
+#   formatting and lints, unit and integration tests (real servers on loopback),
+#   the README quick-start, then interop with Istio's own client code and grpcurl.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "cargo fmt --check"
+cargo fmt --check
+step "cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets -- -D warnings
+step "cargo test"
+cargo test
+step "cargo build (binary for the shell tests)"
+cargo build --bin meshsign
+step "README quick start"
+tests/quickstart.sh
+step "interop with istio-agent's code, pilot-agent and grpcurl"
+tests/interop/run.sh
