@@ -112,7 +112,19 @@ pub async fn channel(ep: &CaEndpoint) -> Result<Channel, String> {
             .map_err(|e| format!("connect {}: {e}", ep.addr))?;
         return Ok(channel);
     }
-    let tls = Arc::new(client_tls_config(ep)?);
+    channel_with_tls(ep, Arc::new(client_tls_config(ep)?)).await
+}
+
+/// Opens a TLS channel with a prepared client configuration (reused across
+/// many connections by load generators).
+pub async fn channel_with_tls(
+    ep: &CaEndpoint,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<Channel, String> {
+    let endpoint = Endpoint::from_shared(format!("http://{}", ep.addr))
+        .map_err(|e| format!("bad address {:?}: {e}", ep.addr))?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(30));
     let host = ep
         .addr
         .rsplit_once(':')
@@ -236,10 +248,25 @@ pub struct IssuedCertificate {
     pub serial_hex: String,
 }
 
-/// Checks a response the way a careful agent would.
+/// Checks a response the way a careful agent would, including that the leaf
+/// carries our key.
 pub fn verify_response(
     elements: &[String],
     key: &KeyPair,
+    identity: &SpiffeId,
+    now: OffsetDateTime,
+) -> Result<IssuedCertificate, String> {
+    let issued = verify_issued(elements, identity, now)?;
+    let parsed = pki::parse_cert(&issued.leaf)?;
+    if parsed.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+        return Err("leaf public key is not the key we sent".into());
+    }
+    Ok(issued)
+}
+
+/// Checks a response's shape, chain and SAN (everything but the key).
+pub fn verify_issued(
+    elements: &[String],
     identity: &SpiffeId,
     now: OffsetDateTime,
 ) -> Result<IssuedCertificate, String> {
@@ -270,9 +297,6 @@ pub fn verify_response(
     let leaf = chain.remove(0);
     pki::verify_chain(&leaf, &chain, &roots, now)?;
     let parsed = pki::parse_cert(&leaf)?;
-    if parsed.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
-        return Err("leaf public key is not the key we sent".into());
-    }
     let san = parsed
         .subject_alternative_name()
         .map_err(|e| e.to_string())?
@@ -291,12 +315,17 @@ pub fn verify_response(
             "leaf SANs are {names:?}, expected exactly [{identity}]"
         ));
     }
+    let (not_before, not_after) = (
+        parsed.validity().not_before.to_datetime(),
+        parsed.validity().not_after.to_datetime(),
+    );
+    let serial_hex = parsed.raw_serial_as_string();
     Ok(IssuedCertificate {
         chain_pem: rest.concat(),
         root_pem: root_pem.clone(),
-        not_before: parsed.validity().not_before.to_datetime(),
-        not_after: parsed.validity().not_after.to_datetime(),
-        serial_hex: parsed.raw_serial_as_string(),
+        not_before,
+        not_after,
+        serial_hex,
         leaf,
     })
 }

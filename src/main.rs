@@ -209,6 +209,8 @@ fn parse_ttl(s: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Agents hold one connection each: thousands of sockets are normal.
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
     init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

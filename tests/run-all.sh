@@ -19,3 +19,5 @@ step "README quick start"
 tests/quickstart.sh
 step "interop with istio-agent's code, pilot-agent and grpcurl"
 tests/interop/run.sh
+step "benchmark smoke (seconds; checks that every request succeeds, not speed)"
+bench/run --smoke
