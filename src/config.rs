@@ -489,10 +489,12 @@ impl FileConfig {
                     JwksLocation::File(file)
                 }
                 (None, Some(url)) => {
-                    if !url.starts_with("https://") && !url.starts_with("http://") {
+                    // Over plain HTTP anyone on the path could substitute the keys
+                    // (and read the bearer token sent to fetch them).
+                    if !url.starts_with("https://") {
                         return Err(invalid(
                             &key("jwks_uri"),
-                            format!("{url:?} is not an http(s) URL"),
+                            format!("{url:?} is not an https:// URL"),
                         ));
                     }
                     JwksLocation::Uri {

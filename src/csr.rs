@@ -93,11 +93,11 @@ pub enum CsrError {
     SeveralIdentities(usize),
     #[error("CSR URI SAN {uri:?} is not an Istio SPIFFE ID: {reason}")]
     BadIdentity { uri: String, reason: SpiffeIdError },
-    #[error("CSR requests a DNS SAN ({0}); only the SPIFFE ID is allowed")]
+    #[error("CSR requests a DNS SAN ({0:?}); only the SPIFFE ID is allowed")]
     DnsSan(String),
     #[error("CSR requests an IP SAN; only the SPIFFE ID is allowed")]
     IpSan,
-    #[error("CSR requests an email SAN ({0}); only the SPIFFE ID is allowed")]
+    #[error("CSR requests an email SAN ({0:?}); only the SPIFFE ID is allowed")]
     EmailSan(String),
     #[error("CSR requests a SAN of an unsupported type ({0}); only the SPIFFE ID is allowed")]
     OtherSan(String),
@@ -176,7 +176,7 @@ pub fn validate(pem_text: &str, keys: &KeyPolicy) -> Result<ValidatedCsr, CsrErr
             continue;
         }
         if value != uri {
-            return Err(CsrError::CommonName(value.to_owned()));
+            return Err(CsrError::CommonName(value.chars().take(120).collect()));
         }
         wants_common_name = true;
     }
@@ -214,10 +214,12 @@ fn check_extension<'a>(
             for name in &san.general_names {
                 match name {
                     GeneralName::URI(uri) => uris.push(uri),
-                    GeneralName::DNSName(dns) => return Err(CsrError::DnsSan((*dns).to_owned())),
+                    GeneralName::DNSName(dns) => {
+                        return Err(CsrError::DnsSan(dns.chars().take(120).collect()))
+                    }
                     GeneralName::IPAddress(_) => return Err(CsrError::IpSan),
                     GeneralName::RFC822Name(mail) => {
-                        return Err(CsrError::EmailSan((*mail).to_owned()))
+                        return Err(CsrError::EmailSan(mail.chars().take(120).collect()))
                     }
                     other => return Err(CsrError::OtherSan(general_name_kind(other).into())),
                 }

@@ -5,7 +5,9 @@
 //! [`server`] (transport, TLS, gRPC) → [`auth`] (who is calling) →
 //! [`csr`] (what is asked) → [`policy`] (is it allowed) → [`ca`] (key, chain,
 //! signing) → response. [`config`] is parsed and validated once at start-up;
-//! nothing below it reads files or environment variables.
+//! no module reads environment variables, and files are read only where the
+//! configuration names them (the CA bundle, JWKS files), at start-up and on
+//! refresh, never per request.
 
 pub mod auth;
 pub mod ca;

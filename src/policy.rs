@@ -2,8 +2,9 @@
 //!
 //! The rules, in the order they are applied:
 //! 1. the requested SPIFFE ID's trust domain is the mesh's or one of its aliases;
-//! 2. it names the caller's own namespace and service account (the proto requires
-//!    the CA to authorise every SAN; istio-csr's rule);
+//! 2. it is the caller's own identity (the proto requires the CA to authorise
+//!    every SAN; istio-csr's rule), or the same workload moved from an alias
+//!    into the primary trust domain; never from the primary into an alias;
 //! 3. no `deny` rule matches it and at least one `allow` rule does (globs on
 //!    namespace and service account);
 //! 4. the TTL: a non-positive request gets the default; a request above the
@@ -108,7 +109,13 @@ impl Policy {
                 trust_domain: self.trust_domain.clone(),
             });
         }
-        if !caller.same_workload(requested) || !self.is_local_trust_domain(caller.trust_domain()) {
+        // The caller's own identity, or (trust-domain migration) the same
+        // workload in the mesh's primary trust domain. Never into an alias.
+        let own = requested == caller
+            || (caller.same_workload(requested)
+                && requested.trust_domain() == self.trust_domain
+                && self.is_local_trust_domain(caller.trust_domain()));
+        if !own {
             return Err(PolicyError::IdentityMismatch {
                 requested: Box::new(requested.clone()),
                 caller: Box::new(caller.clone()),
@@ -210,8 +217,15 @@ mod tests {
         let caller = id("spiffe://cluster.local/ns/a/sa/b");
         p.authorize(&caller, &id("spiffe://cluster.local/ns/a/sa/b"))
             .unwrap();
-        p.authorize(&caller, &id("spiffe://old.local/ns/a/sa/b"))
-            .unwrap();
+        // Not from the primary domain into an alias...
+        assert!(matches!(
+            p.authorize(&caller, &id("spiffe://old.local/ns/a/sa/b")),
+            Err(PolicyError::IdentityMismatch { .. })
+        ));
+        // ...but an alias-domain caller may renew as itself or move to the primary.
+        let old = id("spiffe://old.local/ns/a/sa/b");
+        p.authorize(&old, &old).unwrap();
+        p.authorize(&old, &caller).unwrap();
         assert!(matches!(
             p.authorize(&caller, &id("spiffe://cluster.local/ns/a/sa/c")),
             Err(PolicyError::IdentityMismatch { .. })

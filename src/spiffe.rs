@@ -89,14 +89,6 @@ impl SpiffeId {
         &self.service_account
     }
 
-    /// The same workload in another trust domain (used for aliases).
-    pub fn with_trust_domain(&self, trust_domain: &str) -> Self {
-        Self {
-            trust_domain: trust_domain.to_owned(),
-            ..self.clone()
-        }
-    }
-
     /// True when both name the same namespace and service account.
     pub fn same_workload(&self, other: &SpiffeId) -> bool {
         self.namespace == other.namespace && self.service_account == other.service_account

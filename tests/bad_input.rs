@@ -180,7 +180,7 @@ async fn every_bad_input_gets_its_code_and_the_server_keeps_serving() {
             token: Some(good_token.clone()),
             ttl: 3600,
             code: Code::InvalidArgument,
-            message: "CSR requests a DNS SAN (web.default.svc)",
+            message: "CSR requests a DNS SAN (\"web.default.svc\")",
         },
         Case {
             name: "extra IP SAN",

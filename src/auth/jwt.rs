@@ -426,19 +426,15 @@ impl JwtAuthenticator {
         if !ASYMMETRIC.contains(&header.alg) {
             return Err(JwtError::Algorithm(header.alg));
         }
-        // With one issuer, its validation checks `iss`; only several issuers
-        // need a look at the unverified payload to pick the key set (this
-        // saves a base64 decode and a JSON parse per request).
-        let issuer = match self.issuers.as_slice() {
-            [] => return Err(JwtError::UnknownIssuer(String::new())),
-            [only] => only,
-            many => {
-                let iss = peek_issuer(token)?;
-                many.iter()
-                    .find(|i| i.issuer == iss)
-                    .ok_or_else(|| JwtError::UnknownIssuer(truncate(&iss)))?
-            }
-        };
+        // `iss` (unverified) picks the key set, so a foreign token is refused
+        // before any key lookup or JWKS refresh; the issuer's validation then
+        // checks it again on the verified claims.
+        let iss = peek_issuer(token)?;
+        let issuer = self
+            .issuers
+            .iter()
+            .find(|i| i.issuer == iss)
+            .ok_or_else(|| JwtError::UnknownIssuer(truncate(&iss)))?;
         let account = issuer.verify(token, header.alg, header.kid.as_deref())?;
         let id = SpiffeId::new(&self.trust_domain, &account.namespace, &account.name)
             .map_err(|e| JwtError::NoServiceAccount(e.to_string()))?;

@@ -54,12 +54,22 @@ pub struct CallerIdentity {
 }
 
 /// The credentials a request arrived with, as the transport saw them.
-#[derive(Debug, Clone, Copy, Default)]
+/// `Debug` never shows the token.
+#[derive(Clone, Copy, Default)]
 pub struct Credentials<'a> {
     /// The value of the first `authorization: Bearer …` header, without the prefix.
     pub bearer_token: Option<&'a str>,
     /// The client's leaf certificate, if it presented one (already chain-verified).
     pub client_certificate: Option<&'a CertificateDer<'static>>,
+}
+
+impl fmt::Debug for Credentials<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("bearer_token", &self.bearer_token.map(|_| "<redacted>"))
+            .field("client_certificate", &self.client_certificate.is_some())
+            .finish()
+    }
 }
 
 /// Why no authenticator accepted the request. `Display` is safe to log.

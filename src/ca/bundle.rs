@@ -421,7 +421,10 @@ fn check_is_ca(cert: &X509Certificate<'_>) -> Result<(), String> {
             cert.subject()
         ));
     }
-    if let Ok(Some(ku)) = cert.key_usage() {
+    let ku = cert
+        .key_usage()
+        .map_err(|e| format!("invalid KeyUsage on {}: {e}", cert.subject()))?;
+    if let Some(ku) = ku {
         if !ku.value.key_cert_sign() {
             return Err(format!(
                 "certificate {} has a KeyUsage without keyCertSign",

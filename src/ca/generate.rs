@@ -202,18 +202,34 @@ pub fn reload(cert_pem: &str, key_pem: &str) -> Result<GeneratedCa, String> {
     })
 }
 
-/// Writes `contents` to `path`, readable by the owner only when `private`.
+/// Writes `contents` to `path` atomically (a temporary file in the same
+/// directory, synced, then renamed over `path`), readable by the owner only
+/// when `private`. A crash never leaves a half-written file, and replacing an
+/// existing file also replaces its permissions.
 pub fn write_file(path: &Path, contents: &str, private: bool) -> std::io::Result<()> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::other("no file name"))?
+        .to_string_lossy();
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
     let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
+    options.write(true).create_new(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
         options.mode(if private { 0o600 } else { 0o644 });
     }
-    let mut file = options.open(path)?;
-    file.write_all(contents.as_bytes())?;
-    file.sync_all()
+    let _ = std::fs::remove_file(&tmp);
+    let result = (|| {
+        let mut file = options.open(&tmp)?;
+        file.write_all(contents.as_bytes())?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }
 
 /// Writes a signing CA in Istio's plug-in layout into `dir`.

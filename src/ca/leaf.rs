@@ -7,7 +7,7 @@
 //! extensions in Go's order: KeyUsage (critical, digitalSignature +
 //! keyEncipherment), ExtKeyUsage (serverAuth + clientAuth), BasicConstraints
 //! (critical, CA:FALSE), AuthorityKeyIdentifier (= issuer SKI, when the issuer
-//! has one) and SubjectAltName (critical when the subject is empty). No
+//! has one) and SubjectAltName (always critical, as istiod builds it). No
 //! Subject Key Identifier, as Go omits it on leaves.
 //!
 //! Encoding it here rather than through `rcgen` keeps the issuer name exact
@@ -109,7 +109,8 @@ pub fn encode_tbs(
                     exts.extend_from_slice(aki);
                 }
                 if !spec.sans.is_empty() {
-                    encode_san_extension(exts, spec.sans, spec.common_name.is_none());
+                    // istiod's BuildSubjectAltNameExtension always marks it critical.
+                    encode_san_extension(exts, spec.sans);
                 }
             });
         });
@@ -151,12 +152,10 @@ fn encode_subject(out: &mut Vec<u8>, common_name: Option<&str>) {
     });
 }
 
-fn encode_san_extension(out: &mut Vec<u8>, sans: &[SanEntry], critical: bool) {
+fn encode_san_extension(out: &mut Vec<u8>, sans: &[SanEntry]) {
     der::nested(out, der::SEQUENCE, |ext| {
         der::tlv(ext, der::OID, OID_SUBJECT_ALT_NAME);
-        if critical {
-            ext.extend_from_slice(&[der::BOOLEAN, 0x01, 0xff]);
-        }
+        ext.extend_from_slice(&[der::BOOLEAN, 0x01, 0xff]);
         der::nested(ext, der::OCTET_STRING, |os| {
             der::nested(os, der::SEQUENCE, |names| {
                 for san in sans {

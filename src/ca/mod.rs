@@ -117,7 +117,7 @@ impl Ca {
     /// it is clamped again here to the signer's own expiry.
     pub fn sign(&self, spec: &LeafSpec<'_>) -> Result<CertificateDer<'static>, SignError> {
         let now_limit = self.bundle.not_after;
-        if spec.not_before >= now_limit {
+        if OffsetDateTime::now_utc() >= now_limit {
             return Err(SignError::SignerExpired(now_limit));
         }
         let mut spec = spec.clone();

@@ -228,7 +228,11 @@ async fn jwt_issuers(config: &Config) -> Result<Vec<Arc<JwtIssuer>>, StartError>
         issuer
             .set_jwks(dev.jwks().as_bytes(), None)
             .map_err(StartError::DevIssuer)?;
-        tracing::info!(jwks = %dev.jwks_path().display(), "dev token issuer {DEV_ISSUER:?} trusted");
+        tracing::warn!(
+            jwks = %dev.jwks_path().display(),
+            "dev mode: trusting the local token issuer {DEV_ISSUER:?}, whose key is in the state directory; \
+             configure `ca.dir` for anything but development"
+        );
         out.push(Arc::new(issuer));
     }
     for j in &config.authn.jwt {
@@ -318,7 +322,7 @@ async fn refresh_jwks(issuer: Arc<JwtIssuer>, every: Duration) {
 /// Issues (or loads) the serving certificate for the configured mode.
 fn serving_certificate(mode: &ServerTls, ca: &Ca) -> Result<Arc<ServingCertificate>, StartError> {
     let key = match mode {
-        ServerTls::Issued { .. } => issue_serving_key(mode, ca),
+        ServerTls::Issued { .. } => issue_serving_key(mode, ca).map(|(key, _)| key),
         ServerTls::Files { cert, key } => load_serving_files(cert, key),
         ServerTls::InsecurePlaintext => Err("plaintext has no certificate".into()),
     }
@@ -346,7 +350,10 @@ fn load_serving_files(
 
 /// A fresh P-256 key and a certificate for the configured names, signed by the
 /// CA and presented with the chain up to (not including) the root.
-fn issue_serving_key(mode: &ServerTls, ca: &Ca) -> Result<rustls::sign::CertifiedKey, String> {
+fn issue_serving_key(
+    mode: &ServerTls,
+    ca: &Ca,
+) -> Result<(rustls::sign::CertifiedKey, OffsetDateTime), String> {
     let ServerTls::Issued {
         dns_names,
         ip_addresses,
@@ -383,10 +390,16 @@ fn issue_serving_key(mode: &ServerTls, ca: &Ca) -> Result<rustls::sign::Certifie
             .filter(|c| !roots.iter().any(|r| r.as_ref() == c.as_ref()))
             .cloned(),
     );
-    tls::certified_key(chain, PrivateKeyDer::Pkcs8(key.serialize_der().into()))
+    let not_after = crate::pki::parse_cert(&chain[0])?
+        .validity()
+        .not_after
+        .to_datetime();
+    let key = tls::certified_key(chain, PrivateKeyDer::Pkcs8(key.serialize_der().into()))?;
+    Ok((key, not_after))
 }
 
-/// Re-issues the serving certificate at half its lifetime.
+/// Re-issues the serving certificate at half its remaining lifetime (which
+/// may be shorter than `cert_ttl` when the CA itself expires sooner).
 async fn renew_serving_certificate(
     serving: Arc<ServingCertificate>,
     ca: Arc<ArcSwap<Ca>>,
@@ -395,14 +408,30 @@ async fn renew_serving_certificate(
     let ServerTls::Issued { ttl, .. } = &mode else {
         return;
     };
+    let half_life = |not_after: OffsetDateTime| {
+        let left = (not_after - OffsetDateTime::now_utc()).max(time::Duration::ZERO);
+        Duration::try_from(left / 2)
+            .unwrap_or_default()
+            .max(Duration::from_secs(60))
+    };
     let mut wait = *ttl / 2;
+    if let Some(leaf) = serving.current().cert.first() {
+        if let Ok(cert) = crate::pki::parse_cert(leaf) {
+            wait = half_life(cert.validity().not_after.to_datetime());
+        }
+    }
     loop {
         tokio::time::sleep(wait).await;
-        match issue_serving_key(&mode, &ca.load()) {
-            Ok(key) => {
+        let current = ca.load_full();
+        let mode = mode.clone();
+        let issued = tokio::task::spawn_blocking(move || issue_serving_key(&mode, &current))
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+        match issued {
+            Ok((key, not_after)) => {
                 serving.replace(key);
-                tracing::info!("serving certificate renewed");
-                wait = *ttl / 2;
+                wait = half_life(not_after);
+                tracing::info!(expires = %not_after, "serving certificate renewed");
             }
             Err(e) => {
                 tracing::error!(error = %e, "serving certificate renewal failed; retrying in 1m");
@@ -415,7 +444,13 @@ async fn renew_serving_certificate(
 async fn watch_health(reporter: tonic_health::server::HealthReporter, ca: Arc<ArcSwap<Ca>>) {
     let mut last = None;
     loop {
-        let status = match ca.load().self_test(OffsetDateTime::now_utc()) {
+        // A test signing is a real signature (RSA: ~1 ms): off the reactor.
+        let current = ca.load_full();
+        let result =
+            tokio::task::spawn_blocking(move || current.self_test(OffsetDateTime::now_utc()))
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()));
+        let status = match result {
             Ok(()) => ServingStatus::Serving,
             Err(e) => {
                 tracing::error!(error = %e, "CA self-test failed: reporting NOT_SERVING");

@@ -63,10 +63,9 @@ impl CertificateService {
         metadata: &MetadataMap,
         request: &IstioCertificateRequest,
     ) -> Result<(CallerIdentity, Vec<String>), RequestError> {
-        if let Some(p) = peer {
-            if !p.tls && !self.allow_plaintext {
-                return Err(RequestError::PlaintextRefused);
-            }
+        // A request without connection info is treated as plaintext (fail closed).
+        if !peer.is_some_and(|p| p.tls) && !self.allow_plaintext {
+            return Err(RequestError::PlaintextRefused);
         }
         let creds = Credentials {
             bearer_token: bearer_token(metadata),
@@ -83,8 +82,9 @@ impl CertificateService {
                 _ => None,
             })
         {
+            let shown: String = impersonated.chars().take(120).collect();
             return Err(RequestError::Impersonation(format!(
-                "{} asked to impersonate {impersonated:?}, but no node authorizer is configured",
+                "{} asked to impersonate {shown:?}, but no node authorizer is configured",
                 caller.id
             )));
         }
@@ -108,16 +108,21 @@ impl CertificateService {
             })
         };
         let leaf = if ca.scheme().is_slow() {
-            let _permit = self
+            // The permit travels with the signing itself, so a cancelled
+            // request cannot free its slot while the signature still runs.
+            let permit = self
                 .slow_signing
                 .clone()
                 .acquire_owned()
                 .await
                 .map_err(|e| RequestError::Internal(e.to_string()))?;
             let ca = ca.clone();
-            tokio::task::spawn_blocking(move || sign(&ca))
-                .await
-                .map_err(|e| RequestError::Internal(e.to_string()))??
+            tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                sign(&ca)
+            })
+            .await
+            .map_err(|e| RequestError::Internal(e.to_string()))??
         } else {
             sign(&ca)?
         };
