@@ -100,6 +100,12 @@ pub const DEFAULT_DNS_NAMES: &[&str] = &[
 #[serde(deny_unknown_fields)]
 struct FileCa {
     dir: PathBuf,
+    #[serde(default = "default_reload")]
+    reload_interval: String,
+}
+
+fn default_reload() -> String {
+    "10s".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -296,6 +302,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub server_tls: ServerTls,
     pub ca: CaSource,
+    /// How often a plug-in CA directory is checked for changes; zero = never.
+    pub ca_reload_interval: Duration,
     pub authn: Authn,
     pub policy: Policy,
     pub key_policy: KeyPolicy,
@@ -442,15 +450,27 @@ impl FileConfig {
             }
         };
 
-        let ca = match self.ca {
-            Some(FileCa { dir }) if dir.as_os_str().is_empty() => {
+        let (ca, ca_reload_interval) = match self.ca {
+            Some(FileCa { dir, .. }) if dir.as_os_str().is_empty() => {
                 return Err(invalid(
                     "ca.dir",
                     "must not be empty (omit `ca` for dev mode)",
                 ))
             }
-            Some(FileCa { dir }) => CaSource::Dir(dir),
-            None => CaSource::Dev,
+            Some(FileCa {
+                dir,
+                reload_interval,
+            }) => {
+                let every = duration("ca.reload_interval", &reload_interval)?;
+                if !every.is_zero() && every < Duration::from_secs(1) {
+                    return Err(invalid(
+                        "ca.reload_interval",
+                        "must be 0s (off) or at least 1s",
+                    ));
+                }
+                (CaSource::Dir(dir), every)
+            }
+            None => (CaSource::Dev, Duration::ZERO),
         };
 
         let clock_skew = duration("authn.clock_skew", &self.authn.clock_skew)?;
@@ -608,6 +628,7 @@ impl FileConfig {
             state_dir: self.state_dir,
             server_tls,
             ca,
+            ca_reload_interval,
             authn: Authn {
                 client_certificates: self.authn.client_certificates,
                 clock_skew,

@@ -241,6 +241,8 @@ async fn ttl_defaults_and_dual_use_common_name() {
             .unwrap(),
         wl.id.to_string()
     );
+    // istiod marks the SAN critical even when the subject is not empty.
+    assert!(leaf.subject_alternative_name().unwrap().unwrap().critical);
     ts.server.shutdown().await.unwrap();
 }
 

@@ -94,6 +94,17 @@ pub async fn start(config: &Config) -> Result<RunningServer, StartError> {
     let roots_pem = ca.roots_pem().to_owned();
     let client_roots = ca.bundle().roots.clone();
     let ca = Arc::new(ArcSwap::from_pointee(ca));
+    let ca_changed = Arc::new(tokio::sync::Notify::new());
+    if let CaSource::Dir(dir) = &config.ca {
+        if !config.ca_reload_interval.is_zero() {
+            tokio::spawn(crate::ca::reload::watch(
+                dir.clone(),
+                ca.clone(),
+                config.ca_reload_interval,
+                ca_changed.clone(),
+            ));
+        }
+    }
 
     let issuers = jwt_issuers(config).await?;
     let mut trust_domains = vec![config.policy.trust_domain.clone()];
@@ -127,6 +138,7 @@ pub async fn start(config: &Config) -> Result<RunningServer, StartError> {
                     serving.clone(),
                     ca.clone(),
                     other.clone(),
+                    ca_changed.clone(),
                 ));
             }
             let cfg = tls::server_config(serving, &client_roots, config.authn.client_certificates)
@@ -399,11 +411,13 @@ fn issue_serving_key(
 }
 
 /// Re-issues the serving certificate at half its remaining lifetime (which
-/// may be shorter than `cert_ttl` when the CA itself expires sooner).
+/// may be shorter than `cert_ttl` when the CA itself expires sooner), and as
+/// soon as a new signing CA is loaded.
 async fn renew_serving_certificate(
     serving: Arc<ServingCertificate>,
     ca: Arc<ArcSwap<Ca>>,
     mode: ServerTls,
+    ca_changed: Arc<tokio::sync::Notify>,
 ) {
     let ServerTls::Issued { ttl, .. } = &mode else {
         return;
@@ -421,7 +435,10 @@ async fn renew_serving_certificate(
         }
     }
     loop {
-        tokio::time::sleep(wait).await;
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = ca_changed.notified() => {}
+        }
         let current = ca.load_full();
         let mode = mode.clone();
         let issued = tokio::task::spawn_blocking(move || issue_serving_key(&mode, &current))

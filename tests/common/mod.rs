@@ -43,7 +43,20 @@ impl TestServer {
         Self::start(Some(ca_dir), extra_yaml).await
     }
 
+    /// A plug-in CA directory watched for changes every `interval`.
+    pub async fn with_ca_dir_and_reload(ca_dir: &Path, interval: &str) -> TestServer {
+        Self::start_with(Some(ca_dir), "", Some(interval)).await
+    }
+
     async fn start(ca_dir: Option<&Path>, extra_yaml: &str) -> TestServer {
+        Self::start_with(ca_dir, extra_yaml, None).await
+    }
+
+    async fn start_with(
+        ca_dir: Option<&Path>,
+        extra_yaml: &str,
+        reload: Option<&str>,
+    ) -> TestServer {
         let dir = tempfile::tempdir().expect("tempdir");
         let state = dir.path().join("state");
         let issuer = DevTokenIssuer::load_or_create(&state).expect("dev issuer");
@@ -53,8 +66,9 @@ impl TestServer {
         );
         if let Some(ca) = ca_dir {
             yaml.push_str(&format!(
-                "ca: {{ dir: {:?} }}\nauthn:\n  jwt:\n    - issuer: meshsign-dev\n      jwks_file: {:?}\n",
+                "ca: {{ dir: {:?}, reload_interval: {:?} }}\nauthn:\n  jwt:\n    - issuer: meshsign-dev\n      jwks_file: {:?}\n",
                 ca.display().to_string(),
+                reload.unwrap_or("10s"),
                 issuer.jwks_path().display().to_string()
             ));
         }

@@ -1,0 +1,89 @@
+//! Hot reload of a plug-in CA directory: a new intermediate under the same
+//! root is taken; a broken bundle or a new root is refused and the previous
+//! CA keeps signing.
+
+mod common;
+
+use common::{TestServer, Workload};
+use meshsign::ca::generate::{self, CaSpec, KeyType};
+use meshsign::client::WorkloadKeyType;
+use x509_parser::prelude::*;
+
+fn spec(cn: &str) -> CaSpec {
+    CaSpec {
+        organization: "reload-test".into(),
+        common_name: cn.into(),
+        locality: None,
+        key_type: KeyType::EcdsaP256,
+        validity: ::time::Duration::days(30),
+        path_len: None,
+    }
+}
+
+/// Issues one certificate and returns its issuer's CN.
+async fn issuer_cn(ts: &TestServer, wl: &Workload, token: &str) -> String {
+    let (chain, _) = wl
+        .obtain(&ts.endpoint(), Some(token), 600)
+        .await
+        .expect("issued");
+    let der = meshsign::pki::parse_certificates_nonempty(chain[0].as_bytes()).unwrap();
+    let (_, leaf) = X509Certificate::from_der(&der[0]).unwrap();
+    let cn = leaf
+        .issuer()
+        .iter_common_name()
+        .next()
+        .unwrap()
+        .as_str()
+        .unwrap()
+        .to_owned();
+    cn
+}
+
+async fn wait_for_issuer(ts: &TestServer, wl: &Workload, token: &str, want: &str) -> bool {
+    for _ in 0..40 {
+        if issuer_cn(ts, wl, token).await == want {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn intermediate_rotation_is_picked_up_and_bad_bundles_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = ::time::OffsetDateTime::now_utc();
+    let root = generate::root(&spec("root"), now).unwrap();
+    let first = generate::intermediate(&root, &spec("first"), now).unwrap();
+    generate::write_istio_layout(dir.path(), &first, &first.cert_pem, &root.cert_pem).unwrap();
+
+    // Tests can't wait 10s: a 1s watch interval.
+    let ts = TestServer::with_ca_dir_and_reload(dir.path(), "1s").await;
+    let wl = Workload::new("default", "web", WorkloadKeyType::EcdsaP256);
+    let token = ts.token("default", "web");
+    assert_eq!(issuer_cn(&ts, &wl, &token).await, "first");
+
+    // Rotate the intermediate under the same root.
+    let second = generate::intermediate(&root, &spec("second"), now).unwrap();
+    generate::write_istio_layout(dir.path(), &second, &second.cert_pem, &root.cert_pem).unwrap();
+    assert!(
+        wait_for_issuer(&ts, &wl, &token, "second").await,
+        "new intermediate not taken"
+    );
+
+    // A key that does not match: refused, "second" keeps signing.
+    let third = generate::intermediate(&root, &spec("third"), now).unwrap();
+    generate::write_file(&dir.path().join("ca-cert.pem"), &third.cert_pem, false).unwrap();
+    generate::write_file(&dir.path().join("cert-chain.pem"), &third.cert_pem, false).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    assert_eq!(issuer_cn(&ts, &wl, &token).await, "second");
+
+    // A different root: refused too.
+    let other_root = generate::root(&spec("other root"), now).unwrap();
+    let fourth = generate::intermediate(&other_root, &spec("fourth"), now).unwrap();
+    generate::write_istio_layout(dir.path(), &fourth, &fourth.cert_pem, &other_root.cert_pem)
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    assert_eq!(issuer_cn(&ts, &wl, &token).await, "second");
+    ts.server.shutdown().await.unwrap();
+}
