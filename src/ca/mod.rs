@@ -12,6 +12,7 @@ pub mod bundle;
 pub mod dev;
 pub mod generate;
 pub mod leaf;
+pub mod pool;
 pub mod reload;
 
 use std::path::Path;

@@ -160,13 +160,16 @@ pub async fn start(config: &Config) -> Result<RunningServer, StartError> {
     })?;
     let incoming = tls::incoming(listener, tls, config.limits.handshake_timeout);
 
-    let service = Arc::new(CertificateService::new(
-        ca.clone(),
-        authenticator,
-        config.policy.clone(),
-        config.key_policy.clone(),
-        plaintext,
-    ));
+    let service = Arc::new(
+        CertificateService::new(
+            ca.clone(),
+            authenticator,
+            config.policy.clone(),
+            config.key_policy.clone(),
+            plaintext,
+        )
+        .map_err(|e| StartError::ServingCertificate(format!("cannot start signer threads: {e}")))?,
+    );
     let ca_service = IstioCertificateServiceServer::new(service)
         .max_decoding_message_size(config.limits.max_request_bytes);
 

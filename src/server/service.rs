@@ -6,12 +6,12 @@ use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use time::OffsetDateTime;
-use tokio::sync::Semaphore;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
 use super::tls::PeerInfo;
 use crate::auth::{Authenticator, CallerIdentity, Credentials};
+use crate::ca::pool::SigningPool;
 use crate::ca::{Ca, LeafSpec, SanEntry};
 use crate::csr::{self, KeyPolicy};
 use crate::error::RequestError;
@@ -32,8 +32,8 @@ pub struct CertificateService {
     authenticator: Authenticator,
     policy: Policy,
     key_policy: KeyPolicy,
-    /// Bounds concurrent slow (RSA) signings to the number of cores, off the reactor.
-    slow_signing: Arc<Semaphore>,
+    /// Signer threads for slow (RSA) keys, one per core, off the reactor.
+    signers: SigningPool,
     allow_plaintext: bool,
 }
 
@@ -44,25 +44,27 @@ impl CertificateService {
         policy: Policy,
         key_policy: KeyPolicy,
         allow_plaintext: bool,
-    ) -> Self {
+    ) -> std::io::Result<Self> {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-        Self {
+        Ok(Self {
             ca,
             authenticator,
             policy,
             key_policy,
-            slow_signing: Arc::new(Semaphore::new(cores)),
+            signers: SigningPool::new(cores)?,
             allow_plaintext,
-        }
+        })
     }
 
-    /// Handles one request after the transport: the whole pipeline.
-    pub async fn issue(
+    /// Everything that reads the request: authentication, CSR checks, policy
+    /// and TTL. Synchronous, so the request (token, CSR PEM, headers) can be
+    /// dropped before a request waits for a signing slot.
+    pub fn authorize(
         &self,
         peer: Option<&PeerInfo>,
         metadata: &MetadataMap,
         request: &IstioCertificateRequest,
-    ) -> Result<(CallerIdentity, Vec<String>), RequestError> {
+    ) -> Result<(CallerIdentity, SigningJob), RequestError> {
         // A request without connection info is treated as plaintext (fail closed).
         if !peer.is_some_and(|p| p.tls) && !self.allow_plaintext {
             return Err(RequestError::PlaintextRefused);
@@ -93,36 +95,35 @@ impl CertificateService {
         self.policy.authorize(&caller.id, &csr.identity)?;
         let now = OffsetDateTime::now_utc();
         let (not_before, not_after) = self.policy.validity(request.validity_duration, now)?;
-
-        let ca = self.ca.load_full();
         let uri = csr.identity.to_string();
         let common_name = (csr.wants_common_name && uri.len() <= MAX_CN_LEN).then(|| uri.clone());
-        let sans = [SanEntry::Uri(uri)];
-        let sign = move |ca: &Ca| {
-            ca.sign(&LeafSpec {
-                spki_der: &csr.spki_der,
-                common_name: common_name.as_deref(),
-                sans: &sans,
+        Ok((
+            caller,
+            SigningJob {
+                spki_der: csr.spki_der,
+                common_name,
+                sans: [SanEntry::Uri(uri)],
                 not_before,
                 not_after,
+            },
+        ))
+    }
+
+    /// Signs an authorized job and builds the response elements. RSA
+    /// signatures run on the blocking pool, at most one per core at a time.
+    pub async fn sign(&self, job: SigningJob) -> Result<Vec<String>, RequestError> {
+        let ca = self.ca.load_full();
+        let sign = move |ca: &Ca| {
+            ca.sign(&LeafSpec {
+                spki_der: &job.spki_der,
+                common_name: job.common_name.as_deref(),
+                sans: &job.sans,
+                not_before: job.not_before,
+                not_after: job.not_after,
             })
         };
         let leaf = if ca.scheme().is_slow() {
-            // The permit travels with the signing itself, so a cancelled
-            // request cannot free its slot while the signature still runs.
-            let permit = self
-                .slow_signing
-                .clone()
-                .acquire_owned()
-                .await
-                .map_err(|e| RequestError::Internal(e.to_string()))?;
-            let ca = ca.clone();
-            tokio::task::spawn_blocking(move || {
-                let _permit = permit;
-                sign(&ca)
-            })
-            .await
-            .map_err(|e| RequestError::Internal(e.to_string()))??
+            self.signers.sign(ca.clone(), sign).await?
         } else {
             sign(&ca)?
         };
@@ -131,8 +132,18 @@ impl CertificateService {
         let mut chain = Vec::with_capacity(tail.len() + 1);
         chain.push(pki::cert_pem(&leaf));
         chain.extend(tail.iter().cloned());
-        Ok((caller, chain))
+        Ok(chain)
     }
+}
+
+/// What remains of an authorized request: the leaf to sign.
+#[derive(Debug)]
+pub struct SigningJob {
+    spki_der: Vec<u8>,
+    common_name: Option<String>,
+    sans: [SanEntry; 1],
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
 }
 
 /// The first `authorization` value with the `Bearer ` prefix, as istiod reads it.
@@ -155,10 +166,15 @@ impl IstioCertificateService for Arc<CertificateService> {
         let started = Instant::now();
         let peer = request.extensions().get::<PeerInfo>();
         let remote = peer.and_then(|p| p.remote);
-        match self
-            .issue(peer, request.metadata(), request.get_ref())
-            .await
-        {
+        let authorized = self.authorize(peer, request.metadata(), request.get_ref());
+        // The request (token, CSR, headers) is not needed any more; a request
+        // waiting for a signing slot holds only its small SigningJob.
+        drop(request);
+        let result = match authorized {
+            Ok((caller, job)) => self.sign(job).await.map(|chain| (caller, chain)),
+            Err(e) => Err(e),
+        };
+        match result {
             Ok((caller, cert_chain)) => {
                 tracing::info!(
                     identity = %caller.id,
