@@ -99,14 +99,18 @@ pub async fn connect(ep: &CaEndpoint) -> Result<IstioCertificateServiceClient<Ch
     Ok(IstioCertificateServiceClient::new(channel(ep).await?))
 }
 
-/// Opens a gRPC channel to the CA (for any of its services).
-pub async fn channel(ep: &CaEndpoint) -> Result<Channel, String> {
-    let endpoint = Endpoint::from_shared(format!("http://{}", ep.addr))
+/// The gRPC endpoint for `ep`, with the client's connect and call deadlines.
+fn endpoint(ep: &CaEndpoint) -> Result<Endpoint, String> {
+    Ok(Endpoint::from_shared(format!("http://{}", ep.addr))
         .map_err(|e| format!("bad address {:?}: {e}", ep.addr))?
         .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(30));
+        .timeout(Duration::from_secs(30)))
+}
+
+/// Opens a gRPC channel to the CA (for any of its services).
+pub async fn channel(ep: &CaEndpoint) -> Result<Channel, String> {
     if ep.roots.is_empty() {
-        let channel = endpoint
+        let channel = endpoint(ep)?
             .connect()
             .await
             .map_err(|e| format!("connect {}: {e}", ep.addr))?;
@@ -121,10 +125,7 @@ pub async fn channel_with_tls(
     ep: &CaEndpoint,
     tls: Arc<rustls::ClientConfig>,
 ) -> Result<Channel, String> {
-    let endpoint = Endpoint::from_shared(format!("http://{}", ep.addr))
-        .map_err(|e| format!("bad address {:?}: {e}", ep.addr))?
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(30));
+    let endpoint = endpoint(ep)?;
     let host = ep
         .addr
         .rsplit_once(':')

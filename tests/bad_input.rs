@@ -396,14 +396,9 @@ async fn ttl_clamped_to_the_signing_certificate() {
     // An intermediate that expires in 2 hours cannot issue a 24h leaf.
     let dir = tempfile::tempdir().unwrap();
     let now = time::OffsetDateTime::now_utc();
-    use meshsign::ca::generate::{self, CaSpec, KeyType};
-    let spec = |cn: &str, hours: i64| CaSpec {
-        organization: "test".into(),
-        common_name: cn.into(),
-        locality: None,
-        key_type: KeyType::EcdsaP256,
-        validity: time::Duration::hours(hours),
-        path_len: None,
+    use meshsign::ca::generate::{self, KeyType};
+    let spec = |cn: &str, hours: i64| {
+        common::ca_spec(cn, KeyType::EcdsaP256, time::Duration::hours(hours))
     };
     let root = generate::root(&spec("root", 1000), now).unwrap();
     let inter = generate::intermediate(&root, &spec("short", 2), now).unwrap();

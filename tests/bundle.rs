@@ -5,7 +5,7 @@ mod common;
 
 use std::path::Path;
 
-use meshsign::ca::generate::{self, CaSpec, KeyType};
+use meshsign::ca::generate::{self, KeyType};
 use meshsign::ca::{Ca, CaBundle, Layout};
 use meshsign::config::Config;
 use time::{Duration, OffsetDateTime};
@@ -174,14 +174,7 @@ fn garbage_and_encrypted_keys_are_refused() {
 fn expired_signing_certificate_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let long_ago = OffsetDateTime::now_utc() - Duration::days(400);
-    let spec = |cn: &str, days: i64| CaSpec {
-        organization: "test".into(),
-        common_name: cn.into(),
-        locality: None,
-        key_type: KeyType::EcdsaP384,
-        validity: Duration::days(days),
-        path_len: None,
-    };
+    let spec = |cn: &str, days: i64| common::ca_spec(cn, KeyType::EcdsaP384, Duration::days(days));
     let root = generate::root(&spec("root", 3650), long_ago).unwrap();
     let inter = generate::intermediate(&root, &spec("old", 30), long_ago).unwrap();
     generate::write_istio_layout(dir.path(), &inter, &inter.cert_pem, &root.cert_pem).unwrap();
@@ -216,14 +209,7 @@ fn every_supported_ca_key_type_signs() {
     ] {
         let dir = tempfile::tempdir().unwrap();
         let now = OffsetDateTime::now_utc();
-        let spec = |cn: &str| CaSpec {
-            organization: "test".into(),
-            common_name: cn.into(),
-            locality: None,
-            key_type: kt,
-            validity: Duration::days(10),
-            path_len: None,
-        };
+        let spec = |cn: &str| common::ca_spec(cn, kt, Duration::days(10));
         let root = generate::root(&spec("root"), now).unwrap();
         let inter = generate::intermediate(&root, &spec("inter"), now).unwrap();
         generate::write_istio_layout(dir.path(), &inter, &inter.cert_pem, &root.cert_pem).unwrap();

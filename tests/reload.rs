@@ -10,14 +10,7 @@ use meshsign::client::WorkloadKeyType;
 use x509_parser::prelude::*;
 
 fn spec(cn: &str) -> CaSpec {
-    CaSpec {
-        organization: "reload-test".into(),
-        common_name: cn.into(),
-        locality: None,
-        key_type: KeyType::EcdsaP256,
-        validity: ::time::Duration::days(30),
-        path_len: None,
-    }
+    common::ca_spec(cn, KeyType::EcdsaP256, ::time::Duration::days(30))
 }
 
 /// Issues one certificate and returns its issuer's CN.

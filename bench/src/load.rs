@@ -82,7 +82,7 @@ pub fn endpoint(t: &Target) -> Result<CaEndpoint, String> {
 }
 
 /// One request; returns the gRPC code name on failure.
-async fn call(
+pub async fn call(
     client: &mut IstioCertificateServiceClient<Channel>,
     p: &Prepared,
     ttl: i64,

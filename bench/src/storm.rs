@@ -82,16 +82,7 @@ pub async fn run(args: StormArgs) -> Result<(), String> {
                 let result = match client::channel_with_tls(&ep, tls.clone()).await {
                     Ok(ch) => {
                         let mut c = meshsign::proto::istio_certificate_service_client::IstioCertificateServiceClient::new(ch);
-                        let mut req = tonic::Request::new(meshsign::proto::IstioCertificateRequest {
-                            csr: p.csr.clone(),
-                            validity_duration: 86_400,
-                            metadata: None,
-                        });
-                        req.metadata_mut().insert("authorization", p.auth.clone());
-                        c.create_certificate(req)
-                            .await
-                            .map(|_| ())
-                            .map_err(|s| format!("{:?}", s.code()))
+                        crate::load::call(&mut c, p, 86_400).await.map(|_| ())
                     }
                     Err(_) => Err("connect".to_owned()),
                 };

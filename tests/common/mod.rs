@@ -19,6 +19,22 @@ use rustls_pki_types::CertificateDer;
 use time::OffsetDateTime;
 use tonic::Code;
 
+/// A CA certificate spec for tests: O=test, the given CN, key type and lifetime.
+pub fn ca_spec(
+    cn: &str,
+    key_type: meshsign::ca::generate::KeyType,
+    validity: ::time::Duration,
+) -> meshsign::ca::generate::CaSpec {
+    meshsign::ca::generate::CaSpec {
+        organization: "test".into(),
+        common_name: cn.into(),
+        locality: None,
+        key_type,
+        validity,
+        path_len: None,
+    }
+}
+
 /// The Istio sample plug-in bundle, checked into tests/testdata.
 pub fn istio_samples() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/testdata/istio-samples")
@@ -227,6 +243,32 @@ pub mod spiffe_tls {
         fn provider() -> rustls::crypto::CryptoProvider {
             rustls::crypto::aws_lc_rs::default_provider()
         }
+
+        fn tls12(
+            m: &[u8],
+            c: &CertificateDer<'_>,
+            d: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                m,
+                c,
+                d,
+                &Self::provider().signature_verification_algorithms,
+            )
+        }
+
+        fn tls13(
+            m: &[u8],
+            c: &CertificateDer<'_>,
+            d: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                m,
+                c,
+                d,
+                &Self::provider().signature_verification_algorithms,
+            )
+        }
     }
 
     impl ServerCertVerifier for SpiffePeerVerifier {
@@ -247,12 +289,7 @@ pub mod spiffe_tls {
             c: &CertificateDer<'_>,
             d: &DigitallySignedStruct,
         ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls12_signature(
-                m,
-                c,
-                d,
-                &Self::provider().signature_verification_algorithms,
-            )
+            Self::tls12(m, c, d)
         }
         fn verify_tls13_signature(
             &self,
@@ -260,12 +297,7 @@ pub mod spiffe_tls {
             c: &CertificateDer<'_>,
             d: &DigitallySignedStruct,
         ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls13_signature(
-                m,
-                c,
-                d,
-                &Self::provider().signature_verification_algorithms,
-            )
+            Self::tls13(m, c, d)
         }
         fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
             Self::provider()
@@ -293,12 +325,7 @@ pub mod spiffe_tls {
             c: &CertificateDer<'_>,
             d: &DigitallySignedStruct,
         ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls12_signature(
-                m,
-                c,
-                d,
-                &Self::provider().signature_verification_algorithms,
-            )
+            Self::tls12(m, c, d)
         }
         fn verify_tls13_signature(
             &self,
@@ -306,12 +333,7 @@ pub mod spiffe_tls {
             c: &CertificateDer<'_>,
             d: &DigitallySignedStruct,
         ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls13_signature(
-                m,
-                c,
-                d,
-                &Self::provider().signature_verification_algorithms,
-            )
+            Self::tls13(m, c, d)
         }
         fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
             Self::provider()
