@@ -46,6 +46,13 @@ struct FileConfig {
     authn: FileAuthn,
     policy: FilePolicy,
     limits: FileLimits,
+    monitoring: FileMonitoring,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct FileMonitoring {
+    listen: Option<String>,
 }
 
 impl Default for FileConfig {
@@ -60,6 +67,7 @@ impl Default for FileConfig {
             authn: FileAuthn::default(),
             policy: FilePolicy::default(),
             limits: FileLimits::default(),
+            monitoring: FileMonitoring::default(),
         }
     }
 }
@@ -308,6 +316,8 @@ pub struct Config {
     pub policy: Policy,
     pub key_policy: KeyPolicy,
     pub limits: Limits,
+    /// Where `/metrics` and `/healthz/*` are served; `None` = not at all.
+    pub monitoring_listen: Option<SocketAddr>,
 }
 
 impl Config {
@@ -623,7 +633,15 @@ impl FileConfig {
             request_timeout: duration("limits.request_timeout", &l.request_timeout)?,
         };
 
+        let monitoring_listen = match &self.monitoring.listen {
+            None => None,
+            Some(s) => Some(s.parse::<SocketAddr>().map_err(|e| {
+                invalid("monitoring.listen", format!("{s:?} is not host:port: {e}"))
+            })?),
+        };
+
         Ok(Config {
+            monitoring_listen,
             listen,
             state_dir: self.state_dir,
             server_tls,

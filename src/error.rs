@@ -49,6 +49,17 @@ impl RequestError {
         }
     }
 
+    /// istiod's `citadel_server_csr_sign_err_count` label, where one applies.
+    pub fn istio_error_type(&self) -> Option<&'static str> {
+        match self {
+            RequestError::Csr(_) => Some("CSR_ERROR"),
+            RequestError::Policy(p) if p.is_invalid_argument() => Some("TTL_ERROR"),
+            RequestError::Sign(_) => Some("CERT_GEN_ERROR"),
+            RequestError::Internal(_) => Some("UNKNOWN"),
+            _ => None,
+        }
+    }
+
     /// The status the caller sees. Authentication details never leave the server.
     pub fn to_status(&self) -> Status {
         let message = match self {

@@ -23,4 +23,5 @@ fn plugin_ca_example_uses_kubernetes_jwks() {
     assert!(matches!(c.authn.jwt[0].jwks, JwksLocation::Uri { .. }));
     assert_eq!(c.authn.jwt[0].audiences, ["istio-ca"]);
     assert_eq!(c.policy.deny.len(), 1);
+    assert_eq!(c.monitoring_listen.map(|a| a.port()), Some(15014));
 }

@@ -416,3 +416,91 @@ async fn dev_mode_reuses_its_ca_across_restarts() {
     assert_eq!(again.dev, Some(meshsign::ca::dev::DevCaState::Reused));
     again.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn metrics_use_istiod_names_and_readiness_follows_the_self_test() {
+    let ts = TestServer::dev("").await;
+    let base = format!(
+        "http://{}",
+        ts.server.monitoring_addr.expect("monitoring configured")
+    );
+    let wl = Workload::new("default", "metrics", WorkloadKeyType::EcdsaP256);
+    wl.obtain(&ts.endpoint(), Some(&ts.token("default", "metrics")), 600)
+        .await
+        .unwrap();
+    let (code, _, _) = common::send(&ts.endpoint(), wl.csr(), None, 600).await;
+    assert_eq!(code, tonic::Code::Unauthenticated);
+    let (code, _, _) = common::send(
+        &ts.endpoint(),
+        "garbage".into(),
+        Some(&ts.token("default", "metrics")),
+        600,
+    )
+    .await;
+    assert_eq!(code, tonic::Code::InvalidArgument);
+
+    let http = reqwest::Client::new();
+    let text = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let value = |line_start: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(line_start))
+            .unwrap_or_else(|| panic!("{line_start} missing in\n{text}"))
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(value("citadel_server_csr_count "), 3.0);
+    assert_eq!(value("citadel_server_success_cert_issuance_count "), 1.0);
+    assert_eq!(value("citadel_server_authentication_failure_count "), 1.0);
+    assert_eq!(
+        value("citadel_server_csr_sign_err_count{error=\"CSR_ERROR\"} "),
+        1.0
+    );
+    assert_eq!(value("meshsign_requests_total{code=\"OK\"} "), 1.0);
+    assert_eq!(
+        value("meshsign_requests_total{code=\"Unauthenticated\"} "),
+        1.0
+    );
+    assert_eq!(value("meshsign_request_duration_seconds_count "), 3.0);
+    let root_expiry = value("citadel_server_root_cert_expiry_timestamp ");
+    let left = value("citadel_server_root_cert_expiry_seconds ");
+    assert!(
+        root_expiry > 1.7e9 && left > 86_400.0 * 3000.0,
+        "{root_expiry} {left}"
+    );
+
+    let mut ready = 0;
+    for _ in 0..50 {
+        ready = http
+            .get(format!("{base}/healthz/ready"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        if ready == 200 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(ready, 200);
+    assert_eq!(
+        http.get(format!("{base}/nope"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        404
+    );
+    ts.server.shutdown().await.unwrap();
+}

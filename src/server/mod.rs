@@ -43,6 +43,8 @@ pub enum StartError {
     Jwks { issuer: String, reason: String },
     #[error("serving certificate: {0}")]
     ServingCertificate(String),
+    #[error("metrics: {0}")]
+    Monitoring(String),
     #[error("cannot listen on {addr}: {reason}")]
     Listen { addr: SocketAddr, reason: String },
 }
@@ -51,6 +53,8 @@ pub enum StartError {
 #[derive(Debug)]
 pub struct RunningServer {
     pub local_addr: SocketAddr,
+    /// The monitoring endpoint, when configured.
+    pub monitoring_addr: Option<SocketAddr>,
     /// The trust bundle clients must use.
     pub roots_pem: String,
     pub dev: Option<DevCaState>,
@@ -91,6 +95,10 @@ pub async fn start(config: &Config) -> Result<RunningServer, StartError> {
         }
     };
     log_bundle(&ca);
+    let metrics = Arc::new(
+        crate::metrics::Metrics::new().map_err(|e| StartError::Monitoring(e.to_string()))?,
+    );
+    metrics.record_ca(&ca);
     let roots_pem = ca.roots_pem().to_owned();
     let client_roots = ca.bundle().roots.clone();
     let ca = Arc::new(ArcSwap::from_pointee(ca));
@@ -167,6 +175,7 @@ pub async fn start(config: &Config) -> Result<RunningServer, StartError> {
             config.policy.clone(),
             config.key_policy.clone(),
             plaintext,
+            metrics.clone(),
         )
         .map_err(|e| StartError::ServingCertificate(format!("cannot start signer threads: {e}")))?,
     );
@@ -174,7 +183,34 @@ pub async fn start(config: &Config) -> Result<RunningServer, StartError> {
         .max_decoding_message_size(config.limits.max_request_bytes);
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    tokio::spawn(watch_health(health_reporter, ca.clone()));
+    tokio::spawn(watch_health(health_reporter, ca.clone(), metrics.clone()));
+    {
+        // Expiry gauges follow CA reloads.
+        let (ca, metrics, changed) = (ca.clone(), metrics.clone(), ca_changed.clone());
+        tokio::spawn(async move {
+            loop {
+                changed.notified().await;
+                metrics.record_ca(&ca.load());
+            }
+        });
+    }
+    let monitoring_addr = match config.monitoring_listen {
+        Some(addr) => {
+            let listener = crate::metrics::bind(addr)
+                .await
+                .map_err(|e| StartError::Listen {
+                    addr,
+                    reason: e.to_string(),
+                })?;
+            let bound = listener.local_addr().ok();
+            tokio::spawn(crate::metrics::serve(listener, metrics.clone()));
+            if let Some(a) = bound {
+                tracing::info!(addr = %a, "metrics and health on http://{a}/metrics, /healthz/ready");
+            }
+            bound
+        }
+        None => None,
+    };
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
@@ -208,6 +244,7 @@ pub async fn start(config: &Config) -> Result<RunningServer, StartError> {
     );
     Ok(RunningServer {
         local_addr,
+        monitoring_addr,
         roots_pem,
         dev: dev_state,
         shutdown: Some(shutdown_tx),
@@ -461,7 +498,11 @@ async fn renew_serving_certificate(
     }
 }
 
-async fn watch_health(reporter: tonic_health::server::HealthReporter, ca: Arc<ArcSwap<Ca>>) {
+async fn watch_health(
+    reporter: tonic_health::server::HealthReporter,
+    ca: Arc<ArcSwap<Ca>>,
+    metrics: Arc<crate::metrics::Metrics>,
+) {
     let mut last = None;
     loop {
         // A test signing is a real signature (RSA: ~1 ms): off the reactor.
@@ -477,6 +518,7 @@ async fn watch_health(reporter: tonic_health::server::HealthReporter, ca: Arc<Ar
                 ServingStatus::NotServing
             }
         };
+        metrics.set_ready(status == ServingStatus::Serving);
         if last != Some(status) {
             reporter.set_service_status("", status).await;
             reporter

@@ -15,6 +15,7 @@ use crate::ca::pool::SigningPool;
 use crate::ca::{Ca, LeafSpec, SanEntry};
 use crate::csr::{self, KeyPolicy};
 use crate::error::RequestError;
+use crate::metrics::Metrics;
 use crate::pki;
 use crate::policy::Policy;
 use crate::proto::istio_certificate_service_server::IstioCertificateService;
@@ -35,6 +36,7 @@ pub struct CertificateService {
     /// Signer threads for slow (RSA) keys, one per core, off the reactor.
     signers: SigningPool,
     allow_plaintext: bool,
+    metrics: Arc<Metrics>,
 }
 
 impl CertificateService {
@@ -44,6 +46,7 @@ impl CertificateService {
         policy: Policy,
         key_policy: KeyPolicy,
         allow_plaintext: bool,
+        metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         Ok(Self {
@@ -53,6 +56,7 @@ impl CertificateService {
             key_policy,
             signers: SigningPool::new(cores)?,
             allow_plaintext,
+            metrics,
         })
     }
 
@@ -163,6 +167,7 @@ impl IstioCertificateService for Arc<CertificateService> {
         &self,
         request: Request<IstioCertificateRequest>,
     ) -> Result<Response<IstioCertificateResponse>, Status> {
+        self.metrics.csr_count.inc();
         let started = Instant::now();
         let peer = request.extensions().get::<PeerInfo>();
         let remote = peer.and_then(|p| p.remote);
@@ -183,10 +188,28 @@ impl IstioCertificateService for Arc<CertificateService> {
                     elapsed_us = started.elapsed().as_micros() as u64,
                     "issued certificate"
                 );
+                self.metrics.issued.inc();
+                self.metrics.requests_ok.inc();
+                self.metrics
+                    .duration
+                    .observe(started.elapsed().as_secs_f64());
                 Ok(Response::new(IstioCertificateResponse { cert_chain }))
             }
             Err(e) => {
                 let status = e.to_status();
+                if status.code() == tonic::Code::Unauthenticated {
+                    self.metrics.authn_failures.inc();
+                }
+                if let Some(kind) = e.istio_error_type() {
+                    self.metrics.sign_errors.with_label_values(&[kind]).inc();
+                }
+                self.metrics
+                    .requests
+                    .with_label_values(&[&format!("{:?}", status.code())])
+                    .inc();
+                self.metrics
+                    .duration
+                    .observe(started.elapsed().as_secs_f64());
                 tracing::warn!(
                     code = ?status.code(),
                     remote = ?remote,

@@ -77,7 +77,7 @@ impl TestServer {
         let state = dir.path().join("state");
         let issuer = DevTokenIssuer::load_or_create(&state).expect("dev issuer");
         let mut yaml = format!(
-            "listen: \"127.0.0.1:0\"\nstate_dir: {:?}\n",
+            "listen: \"127.0.0.1:0\"\nmonitoring: {{ listen: \"127.0.0.1:0\" }}\nstate_dir: {:?}\n",
             state.display().to_string()
         );
         if let Some(ca) = ca_dir {

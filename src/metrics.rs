@@ -1,0 +1,216 @@
+//! Prometheus metrics and the monitoring HTTP endpoint.
+//!
+//! istiod's CA metrics are exported under istiod's exact names (no `_total`
+//! suffix, as istiod's OpenTelemetry exporter writes them), so dashboards and
+//! alerts built for istiod keep working: `citadel_server_csr_count`,
+//! `citadel_server_authentication_failure_count`,
+//! `citadel_server_csr_sign_err_count{error}`,
+//! `citadel_server_success_cert_issuance_count` and the root and chain expiry
+//! gauges. meshsign adds `meshsign_requests_total{code}` and the
+//! `meshsign_request_duration_seconds` histogram.
+//!
+//! The endpoint serves `/metrics`, `/healthz/live` and `/healthz/ready`
+//! (200 only while the CA's test signing passes, like the gRPC health service).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry,
+    TextEncoder,
+};
+use time::OffsetDateTime;
+
+use crate::ca::Ca;
+
+/// Every metric meshsign exports.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub csr_count: IntCounter,
+    pub authn_failures: IntCounter,
+    pub sign_errors: IntCounterVec,
+    pub issued: IntCounter,
+    pub requests: IntCounterVec,
+    /// `requests{code="OK"}`, resolved once: the hot path only increments.
+    pub requests_ok: IntCounter,
+    pub duration: Histogram,
+    root_expiry: Gauge,
+    root_expiry_seconds: Gauge,
+    chain_expiry: Gauge,
+    chain_expiry_seconds: Gauge,
+    ready: Arc<AtomicBool>,
+}
+
+impl Metrics {
+    pub fn new() -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str| -> Result<IntCounter, prometheus::Error> {
+            let c = IntCounter::new(name, help)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let gauge = |name: &str, help: &str| -> Result<Gauge, prometheus::Error> {
+            let g = Gauge::new(name, help)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let sign_errors = IntCounterVec::new(
+            Opts::new(
+                "citadel_server_csr_sign_err_count",
+                "The number of errors occurred when signing the CSR.",
+            ),
+            &["error"],
+        )?;
+        registry.register(Box::new(sign_errors.clone()))?;
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "meshsign_requests_total",
+                "CreateCertificate calls by gRPC status code.",
+            ),
+            &["code"],
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        let duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "meshsign_request_duration_seconds",
+                "Time to answer a CreateCertificate call, from receipt to response.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
+        )?;
+        registry.register(Box::new(duration.clone()))?;
+        Ok(Metrics {
+            csr_count: counter(
+                "citadel_server_csr_count",
+                "The number of CSRs received by Citadel server.",
+            )?,
+            authn_failures: counter(
+                "citadel_server_authentication_failure_count",
+                "The number of authentication failures.",
+            )?,
+            issued: counter(
+                "citadel_server_success_cert_issuance_count",
+                "The number of certificates issuances that have succeeded.",
+            )?,
+            root_expiry: gauge(
+                "citadel_server_root_cert_expiry_timestamp",
+                "The unix timestamp, in seconds, when the root cert will expire.",
+            )?,
+            root_expiry_seconds: gauge(
+                "citadel_server_root_cert_expiry_seconds",
+                "The time remaining, in seconds, before the root cert will expire.",
+            )?,
+            chain_expiry: gauge(
+                "citadel_server_cert_chain_expiry_timestamp",
+                "The unix timestamp, in seconds, when the cert chain will expire.",
+            )?,
+            chain_expiry_seconds: gauge(
+                "citadel_server_cert_chain_expiry_seconds",
+                "The time remaining, in seconds, before the cert chain will expire.",
+            )?,
+            sign_errors,
+            requests_ok: requests.with_label_values(&["OK"]),
+            requests,
+            duration,
+            registry,
+            ready: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// Records the expiry of `ca`'s first root and of the first certificate
+    /// of its chain (what istiod's `RecordCertsExpiry` records).
+    pub fn record_ca(&self, ca: &Ca) {
+        let first_expiry = |certs: &[rustls_pki_types::CertificateDer<'static>]| {
+            certs
+                .first()
+                .and_then(|c| crate::pki::parse_cert(c).ok())
+                .map(|c| c.validity().not_after.timestamp())
+        };
+        if let Some(t) = first_expiry(&ca.bundle().roots) {
+            self.root_expiry.set(t as f64);
+        }
+        let chain = &ca.bundle().chain;
+        if let Some(t) = first_expiry(chain) {
+            self.chain_expiry.set(t as f64);
+        }
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    /// The exposition, with the derived "seconds left" gauges brought up to date.
+    pub fn render(&self) -> String {
+        let now = OffsetDateTime::now_utc().unix_timestamp() as f64;
+        self.root_expiry_seconds.set(self.root_expiry.get() - now);
+        if self.chain_expiry.get() > 0.0 {
+            self.chain_expiry_seconds.set(self.chain_expiry.get() - now);
+        }
+        let mut out = Vec::with_capacity(4096);
+        // Encoding our own registry into a Vec cannot fail.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+/// Serves the monitoring endpoint on `listener` until the process ends.
+pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let metrics = metrics.clone();
+                async move { Ok::<_, std::convert::Infallible>(route(&req, &metrics)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), service)
+                .await;
+        });
+    }
+}
+
+fn route(req: &Request<hyper::body::Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = match req.uri().path() {
+        "/metrics" => (
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            metrics.render(),
+        ),
+        "/healthz/live" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
+        "/healthz/ready" if metrics.ready.load(Ordering::Relaxed) => {
+            (StatusCode::OK, "text/plain", "ok\n".to_owned())
+        }
+        "/healthz/ready" => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "CA self-test failing or not run yet\n".to_owned(),
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found\n".to_owned(),
+        ),
+    };
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    if let Ok(v) = content_type.parse() {
+        resp.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    resp
+}
+
+/// Binds the monitoring listener.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}
