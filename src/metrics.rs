@@ -12,7 +12,6 @@
 //! The endpoint serves `/metrics`, `/healthz/live` and `/healthz/ready`
 //! (200 only while the CA's test signing passes, like the gRPC health service).
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -50,42 +49,40 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Result<Metrics, prometheus::Error> {
         let registry = Registry::new();
-        let counter = |name: &str, help: &str| -> Result<IntCounter, prometheus::Error> {
-            let c = IntCounter::new(name, help)?;
-            registry.register(Box::new(c.clone()))?;
-            Ok(c)
-        };
-        let gauge = |name: &str, help: &str| -> Result<Gauge, prometheus::Error> {
-            let g = Gauge::new(name, help)?;
-            registry.register(Box::new(g.clone()))?;
-            Ok(g)
-        };
-        let sign_errors = IntCounterVec::new(
-            Opts::new(
-                "citadel_server_csr_sign_err_count",
-                "The number of errors occurred when signing the CSR.",
-            ),
-            &["error"],
+        let counter = |name: &str, help: &str| register(&registry, IntCounter::new(name, help)?);
+        let gauge = |name: &str, help: &str| register(&registry, Gauge::new(name, help)?);
+        let sign_errors = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "citadel_server_csr_sign_err_count",
+                    "The number of errors occurred when signing the CSR.",
+                ),
+                &["error"],
+            )?,
         )?;
-        registry.register(Box::new(sign_errors.clone()))?;
-        let requests = IntCounterVec::new(
-            Opts::new(
-                "meshsign_requests_total",
-                "CreateCertificate calls by gRPC status code.",
-            ),
-            &["code"],
+        let requests = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "meshsign_requests_total",
+                    "CreateCertificate calls by gRPC status code.",
+                ),
+                &["code"],
+            )?,
         )?;
-        registry.register(Box::new(requests.clone()))?;
-        let duration = Histogram::with_opts(
-            HistogramOpts::new(
-                "meshsign_request_duration_seconds",
-                "Time to answer a CreateCertificate call, from receipt to response.",
-            )
-            .buckets(vec![
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-            ]),
+        let duration = register(
+            &registry,
+            Histogram::with_opts(
+                HistogramOpts::new(
+                    "meshsign_request_duration_seconds",
+                    "Time to answer a CreateCertificate call, from receipt to response.",
+                )
+                .buckets(vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                ]),
+            )?,
         )?;
-        registry.register(Box::new(duration.clone()))?;
         Ok(Metrics {
             csr_count: counter(
                 "citadel_server_csr_count",
@@ -210,7 +207,11 @@ fn route(req: &Request<hyper::body::Incoming>, metrics: &Metrics) -> Response<Fu
     resp
 }
 
-/// Binds the monitoring listener.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr).await
+/// Registers `metric` in `registry` and hands it back.
+fn register<M: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: M,
+) -> Result<M, prometheus::Error> {
+    registry.register(Box::new(metric.clone()))?;
+    Ok(metric)
 }

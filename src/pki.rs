@@ -307,11 +307,6 @@ pub fn verify_chain(
     Ok(())
 }
 
-/// Converts an x509-parser time to `time::OffsetDateTime`.
-pub fn to_offset(t: ASN1Time) -> ::time::OffsetDateTime {
-    t.to_datetime()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

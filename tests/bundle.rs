@@ -33,6 +33,12 @@ fn sample_with(replace: &[(&str, &str)]) -> tempfile::TempDir {
     dir
 }
 
+/// Asserts the bundle in `dir` is refused with an error naming `file` and saying `reason`.
+fn assert_refused(dir: &Path, file: &str, reason: &str) {
+    let err = load_err(dir);
+    assert!(err.contains(file) && err.contains(reason), "{err}");
+}
+
 fn load_err(dir: &Path) -> String {
     let err = Ca::load(dir, OffsetDateTime::now_utc()).expect_err("bundle must be refused");
     err.to_string()
@@ -66,11 +72,7 @@ fn istio_alt_2_sample_key_really_does_not_match_its_certificate() {
         ("cert-chain.pem", "cert-chain-alt-2.pem"),
         ("root-cert.pem", "root-cert-alt.pem"),
     ]);
-    let err = load_err(dir.path());
-    assert!(
-        err.contains("ca-key.pem") && err.contains("does not match"),
-        "{err}"
-    );
+    assert_refused(dir.path(), "ca-key.pem", "does not match");
 }
 
 #[test]
@@ -95,21 +97,20 @@ fn pkcs8_and_sec1_keys_load() {
 #[test]
 fn key_that_does_not_match_is_refused() {
     let dir = sample_with(&[("ca-key.pem", "ca-key-alt-2.pem")]);
-    let err = load_err(dir.path());
-    assert!(
-        err.contains("ca-key.pem") && err.contains("does not match the certificate in ca-cert.pem"),
-        "{err}"
+    assert_refused(
+        dir.path(),
+        "ca-key.pem",
+        "does not match the certificate in ca-cert.pem",
     );
 }
 
 #[test]
 fn wrong_root_is_refused() {
     let dir = sample_with(&[("root-cert.pem", "root-cert-alt.pem")]);
-    let err = load_err(dir.path());
-    assert!(
-        err.contains("cert-chain.pem")
-            && err.contains("cannot verify ca-cert.pem up to a root in root-cert.pem"),
-        "{err}"
+    assert_refused(
+        dir.path(),
+        "cert-chain.pem",
+        "cannot verify ca-cert.pem up to a root in root-cert.pem",
     );
 }
 
@@ -119,20 +120,20 @@ fn non_ca_signing_certificate_is_refused() {
         ("ca-cert.pem", "workload-foo-cert.pem"),
         ("ca-key.pem", "workload-foo-key.pem"),
     ]);
-    let err = load_err(dir.path());
-    assert!(
-        err.contains("ca-cert.pem") && err.contains("not authorized to sign other certificates"),
-        "{err}"
+    assert_refused(
+        dir.path(),
+        "ca-cert.pem",
+        "not authorized to sign other certificates",
     );
 }
 
 #[test]
 fn chain_not_starting_with_the_signing_certificate_is_refused() {
     let dir = sample_with(&[("cert-chain.pem", "root-cert.pem")]);
-    let err = load_err(dir.path());
-    assert!(
-        err.contains("cert-chain.pem") && err.contains("must start with the signing certificate"),
-        "{err}"
+    assert_refused(
+        dir.path(),
+        "cert-chain.pem",
+        "must start with the signing certificate",
     );
 }
 
@@ -140,11 +141,7 @@ fn chain_not_starting_with_the_signing_certificate_is_refused() {
 fn incomplete_bundle_names_what_is_missing() {
     let dir = sample_with(&[]);
     std::fs::remove_file(dir.path().join("cert-chain.pem")).unwrap();
-    let err = load_err(dir.path());
-    assert!(
-        err.contains("cert-chain.pem") && err.contains("incomplete signing CA bundle"),
-        "{err}"
-    );
+    assert_refused(dir.path(), "cert-chain.pem", "incomplete signing CA bundle");
 }
 
 #[test]
@@ -155,11 +152,7 @@ fn garbage_and_encrypted_keys_are_refused() {
         "-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAAA\n-----END ENCRYPTED PRIVATE KEY-----\n",
     )
     .unwrap();
-    let err = load_err(dir.path());
-    assert!(
-        err.contains("ca-key.pem") && err.contains("encrypted"),
-        "{err}"
-    );
+    assert_refused(dir.path(), "ca-key.pem", "encrypted");
     std::fs::write(dir.path().join("root-cert.pem"), "not pem").unwrap();
     std::fs::copy(
         common::istio_samples().join("ca-key.pem"),
@@ -178,11 +171,7 @@ fn expired_signing_certificate_is_refused() {
     let root = generate::root(&spec("root", 3650), long_ago).unwrap();
     let inter = generate::intermediate(&root, &spec("old", 30), long_ago).unwrap();
     generate::write_istio_layout(dir.path(), &inter, &inter.cert_pem, &root.cert_pem).unwrap();
-    let err = load_err(dir.path());
-    assert!(
-        err.contains("ca-cert.pem") && err.contains("expired at"),
-        "{err}"
-    );
+    assert_refused(dir.path(), "ca-cert.pem", "expired at");
 }
 
 #[test]

@@ -71,7 +71,7 @@ pub enum JwksSource {
         client: reqwest::Client,
         bearer_token_file: Option<PathBuf>,
     },
-    /// Keys given in memory (dev mode, tests).
+    /// Keys set in memory with `set_jwks` and never refreshed (benchmarks, tests).
     Static,
 }
 
@@ -216,10 +216,6 @@ impl JwtIssuer {
             file_modified,
         }));
         Ok(n)
-    }
-
-    pub fn source(&self) -> &JwksSource {
-        &self.source
     }
 
     pub fn key_count(&self) -> usize {

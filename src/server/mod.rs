@@ -196,7 +196,7 @@ pub async fn start(config: &Config) -> Result<RunningServer, StartError> {
     }
     let monitoring_addr = match config.monitoring_listen {
         Some(addr) => {
-            let listener = crate::metrics::bind(addr)
+            let listener = TcpListener::bind(addr)
                 .await
                 .map_err(|e| StartError::Listen {
                     addr,
