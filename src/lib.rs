@@ -15,6 +15,7 @@ pub mod client;
 pub mod config;
 pub mod csr;
 pub mod error;
+pub mod logging;
 pub mod metrics;
 pub mod pki;
 pub mod policy;

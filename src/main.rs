@@ -212,10 +212,7 @@ fn main() -> ExitCode {
     // Agents hold one connection each: thousands of sockets are normal.
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     init_logging();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -231,6 +228,8 @@ fn main() -> ExitCode {
             Command::Request(args) => request(args).await,
         }
     });
+    // Buffered log lines first, so the final error comes last.
+    meshsign::logging::LogSink::stderr().flush();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -240,12 +239,29 @@ fn main() -> ExitCode {
     }
 }
 
+/// The async runtime. With one CPU (an affinity mask, or a container limited
+/// to one core) a single-threaded scheduler: no work stealing to pay for, and
+/// tasks run in arrival order, so a connection's task runs after the answers
+/// that finished meanwhile and writes them out together. With more CPUs, one
+/// worker per CPU.
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut builder = if cpus == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    builder.enable_all().build()
+}
+
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("MESHSIGN_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(meshsign::logging::BatchedWriter(
+            meshsign::logging::LogSink::stderr(),
+        ))
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();

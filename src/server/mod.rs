@@ -6,6 +6,7 @@
 //! Health is real: the CA service reports `SERVING` only while a test signing
 //! verifies against the roots (checked at start and every 30 seconds).
 
+mod coalesce;
 pub mod service;
 pub mod tls;
 

@@ -29,6 +29,8 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tonic::transport::server::Connected;
 
+use super::coalesce::Coalesce;
+
 /// What the server knows about the other end of a connection.
 #[derive(Debug, Clone)]
 pub struct PeerInfo {
@@ -41,8 +43,8 @@ pub struct PeerInfo {
 
 /// An accepted connection, TLS or (insecure mode) plaintext.
 pub enum Conn {
-    Tls(Box<TlsStream<TcpStream>>, PeerInfo),
-    Plain(TcpStream, PeerInfo),
+    Tls(Box<Coalesce<TlsStream<TcpStream>>>, PeerInfo),
+    Plain(Coalesce<TcpStream>, PeerInfo),
 }
 
 impl Connected for Conn {
@@ -216,7 +218,11 @@ pub fn incoming(
                     tls: false,
                     client_certificate: None,
                 };
-                if tx.send(Ok(Conn::Plain(tcp, peer))).await.is_err() {
+                if tx
+                    .send(Ok(Conn::Plain(Coalesce::new(tcp), peer)))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
                 continue;
@@ -235,7 +241,9 @@ pub fn incoming(
                             tls: true,
                             client_certificate,
                         };
-                        let _ = tx.send(Ok(Conn::Tls(Box::new(stream), peer))).await;
+                        let _ = tx
+                            .send(Ok(Conn::Tls(Box::new(Coalesce::new(stream)), peer)))
+                            .await;
                     }
                     Ok(Err(e)) => tracing::debug!(%remote, error = %e, "TLS handshake failed"),
                     Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),

@@ -1,0 +1,210 @@
+//! Log output: formatted lines go to stderr in batches rather than one
+//! `write` per line.
+//!
+//! Every issued certificate is logged (the audit trail), so at thousands of
+//! certificates per second a system call per line is a measurable share of a
+//! CPU core. Lines at INFO and below are appended to a buffer that is written
+//! when it passes [`BATCH_BYTES`] or at least every [`MAX_DELAY`] by a small
+//! flusher thread; a WARN or ERROR line is written at once, together with
+//! everything before it, so order is kept and problems are never held back.
+//! [`LogSink::flush`] is called before the process exits.
+
+use std::io::{self, Write};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
+
+use tracing::{Level, Metadata};
+use tracing_subscriber::fmt::MakeWriter;
+
+/// A batch this large is written at once.
+pub const BATCH_BYTES: usize = 32 * 1024;
+/// The longest an INFO line waits in the buffer.
+pub const MAX_DELAY: Duration = Duration::from_millis(100);
+
+/// Writes one batch of formatted lines.
+type Output = Box<dyn Fn(&[u8]) + Send + Sync>;
+
+/// Where log lines go: a buffer in front of a writer (stderr in the binary).
+pub struct LogSink {
+    buf: Mutex<Vec<u8>>,
+    out: Output,
+}
+
+impl std::fmt::Debug for LogSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogSink").finish_non_exhaustive()
+    }
+}
+
+impl LogSink {
+    /// A sink writing to `out`; nothing flushes it on a timer.
+    pub fn new(out: impl Fn(&[u8]) + Send + Sync + 'static) -> Arc<Self> {
+        Arc::new(Self {
+            buf: Mutex::new(Vec::with_capacity(BATCH_BYTES)),
+            out: Box::new(out),
+        })
+    }
+
+    /// The process-wide sink for stderr, with its flusher thread (started once).
+    pub fn stderr() -> Arc<Self> {
+        static STDERR: OnceLock<Arc<LogSink>> = OnceLock::new();
+        STDERR
+            .get_or_init(|| {
+                let sink = Self::new(|bytes| {
+                    // Nowhere to report a failing stderr.
+                    let _ = io::stderr().lock().write_all(bytes);
+                });
+                let weak = Arc::downgrade(&sink);
+                let _ = std::thread::Builder::new()
+                    .name("log-flush".into())
+                    .spawn(move || flush_periodically(weak));
+                sink
+            })
+            .clone()
+    }
+
+    /// Appends one formatted line; writes the batch if `urgent` or full.
+    pub fn append(&self, line: &[u8], urgent: bool) {
+        let mut buf = self.buf.lock().unwrap_or_else(|p| p.into_inner());
+        buf.extend_from_slice(line);
+        if urgent || buf.len() >= BATCH_BYTES {
+            (self.out)(&buf);
+            buf.clear();
+        }
+    }
+
+    /// Writes whatever is buffered.
+    pub fn flush(&self) {
+        let mut buf = self.buf.lock().unwrap_or_else(|p| p.into_inner());
+        if !buf.is_empty() {
+            (self.out)(&buf);
+            buf.clear();
+        }
+    }
+}
+
+fn flush_periodically(sink: Weak<LogSink>) {
+    loop {
+        std::thread::sleep(MAX_DELAY);
+        match sink.upgrade() {
+            Some(sink) => sink.flush(),
+            None => return,
+        }
+    }
+}
+
+/// The writer `tracing-subscriber` formats one event into.
+#[derive(Debug)]
+pub struct LineWriter<'a> {
+    sink: &'a LogSink,
+    urgent: bool,
+}
+
+impl Write for LineWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.sink.append(buf, self.urgent);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Hands `tracing-subscriber` a writer per event, urgent from WARN up.
+#[derive(Debug, Clone)]
+pub struct BatchedWriter(pub Arc<LogSink>);
+
+impl<'a> MakeWriter<'a> for BatchedWriter {
+    type Writer = LineWriter<'a>;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        LineWriter {
+            sink: &self.0,
+            urgent: true,
+        }
+    }
+
+    fn make_writer_for(&'a self, meta: &Metadata<'_>) -> Self::Writer {
+        LineWriter {
+            sink: &self.0,
+            urgent: *meta.level() <= Level::WARN,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Writes = Arc<Mutex<Vec<Vec<u8>>>>;
+
+    fn recording() -> (Arc<LogSink>, Writes) {
+        let writes = Arc::new(Mutex::new(Vec::new()));
+        let w = writes.clone();
+        let sink = LogSink::new(move |b| w.lock().unwrap().push(b.to_vec()));
+        (sink, writes)
+    }
+
+    #[test]
+    fn info_lines_are_batched_until_flush() {
+        let (sink, writes) = recording();
+        sink.append(b"one\n", false);
+        sink.append(b"two\n", false);
+        assert!(writes.lock().unwrap().is_empty());
+        sink.flush();
+        assert_eq!(*writes.lock().unwrap(), vec![b"one\ntwo\n".to_vec()]);
+        sink.flush();
+        assert_eq!(
+            writes.lock().unwrap().len(),
+            1,
+            "an empty flush writes nothing"
+        );
+    }
+
+    #[test]
+    fn urgent_line_writes_everything_before_it_in_order() {
+        let (sink, writes) = recording();
+        sink.append(b"info\n", false);
+        sink.append(b"warn\n", true);
+        assert_eq!(*writes.lock().unwrap(), vec![b"info\nwarn\n".to_vec()]);
+    }
+
+    #[test]
+    fn a_full_batch_is_written_without_waiting() {
+        let (sink, writes) = recording();
+        let line = vec![b'x'; 1000];
+        for _ in 0..(BATCH_BYTES / 1000) {
+            sink.append(&line, false);
+        }
+        assert!(writes.lock().unwrap().is_empty());
+        sink.append(&line, false);
+        let w = writes.lock().unwrap();
+        assert_eq!(w.len(), 1);
+        assert_eq!(w[0].len(), (BATCH_BYTES / 1000 + 1) * 1000);
+    }
+
+    #[test]
+    fn writer_is_urgent_from_warn_up() {
+        use tracing_subscriber::layer::SubscriberExt;
+        let (sink, writes) = recording();
+        let subscriber = tracing_subscriber::registry().with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(BatchedWriter(sink.clone()))
+                .with_ansi(false),
+        );
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!("first");
+            assert!(writes.lock().unwrap().is_empty());
+            tracing::warn!("second");
+        });
+        let w = writes.lock().unwrap();
+        assert_eq!(w.len(), 1);
+        let text = String::from_utf8_lossy(&w[0]);
+        let (first, second) = (text.find("first"), text.find("second"));
+        assert!(
+            first.is_some() && second.is_some() && first < second,
+            "{text}"
+        );
+    }
+}
