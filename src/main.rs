@@ -212,7 +212,14 @@ fn main() -> ExitCode {
     // Agents hold one connection each: thousands of sockets are normal.
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     init_logging();
-    let runtime = match runtime() {
+    // One worker per CPU. A single-threaded scheduler on one CPU was measured
+    // too: +4-10% throughput at 64 streams, because answers wait for the
+    // connection task and go out together, but for the same reason the p99 at
+    // half saturation went from ~3.5 ms to 9 ms (bench/README.md).
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -237,16 +244,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// The async runtime: one worker per CPU. (A single-threaded scheduler on one
-/// CPU was measured too: +4-10% throughput at 64 streams, because answers
-/// wait for the connection task and go out together, but for the same reason
-/// the p99 at half saturation went from ~3.5 ms to 9 ms; see `bench/README.md`.)
-fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
 }
 
 fn init_logging() {

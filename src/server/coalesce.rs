@@ -43,7 +43,7 @@ const INITIAL_CAPACITY: usize = 4 * 1024;
 /// Capacity currently held by deferred buffers, process-wide.
 static DEFERRED_BYTES: AtomicUsize = AtomicUsize::new(0);
 
-/// An I/O object whose writes are buffered and written out once per pass.
+/// An I/O object whose writes are buffered and written out in bursts.
 #[derive(Debug)]
 pub struct Coalesce<T> {
     inner: T,
@@ -63,10 +63,6 @@ impl<T> Coalesce<T> {
             deferred: 0,
             blocked: false,
         }
-    }
-
-    pub fn get_ref(&self) -> &T {
-        &self.inner
     }
 
     fn release_deferral(&mut self) {
@@ -292,11 +288,11 @@ mod tests {
         // h2's pass for one answer: HEADERS + DATA, flush, trailers, flush.
         write(&mut c, &mut cx, b"headers+data");
         assert!(flush(&mut c, &mut cx).is_ready());
-        assert!(c.get_ref().writes.is_empty(), "the first flush is deferred");
+        assert!(c.inner.writes.is_empty(), "the first flush is deferred");
         write(&mut c, &mut cx, b"trailers");
         assert!(flush(&mut c, &mut cx).is_ready());
-        assert_eq!(c.get_ref().writes, vec![b"headers+datatrailers".to_vec()]);
-        assert_eq!(c.get_ref().flushes, 1);
+        assert_eq!(c.inner.writes, vec![b"headers+datatrailers".to_vec()]);
+        assert_eq!(c.inner.flushes, 1);
         assert_eq!(c.out.capacity(), 0, "a drained buffer is freed");
 
         // Nothing pending: flush and read go straight through, no wake.
@@ -304,7 +300,7 @@ mod tests {
         assert!(flush(&mut c, &mut cx).is_ready());
         assert!(read(&mut c, &mut cx).is_pending());
         assert_eq!(counter.0.load(Ordering::SeqCst), wakes);
-        assert_eq!(c.get_ref().writes.len(), 1);
+        assert_eq!(c.inner.writes.len(), 1);
     }
 
     #[test]
@@ -316,12 +312,12 @@ mod tests {
 
         write(&mut c, &mut cx, b"settings");
         assert!(flush(&mut c, &mut cx).is_ready());
-        assert!(c.get_ref().writes.is_empty());
+        assert!(c.inner.writes.is_empty());
         assert_eq!(counter.0.load(Ordering::SeqCst), 1, "the task woke itself");
 
         // The next pass starts with a read: the buffer goes out first.
         assert!(read(&mut c, &mut cx).is_pending());
-        assert_eq!(c.get_ref().writes, vec![b"settings".to_vec()]);
+        assert_eq!(c.inner.writes, vec![b"settings".to_vec()]);
         assert_eq!(c.deferred, 0);
     }
 
@@ -343,7 +339,7 @@ mod tests {
 
         c.inner.writable = true;
         assert!(flush(&mut c, &mut cx).is_ready());
-        assert_eq!(c.get_ref().writes, vec![b"onetwo".to_vec()]);
+        assert_eq!(c.inner.writes, vec![b"onetwo".to_vec()]);
         assert!(!c.blocked);
     }
 
@@ -355,11 +351,11 @@ mod tests {
         let big = vec![7u8; HIGH_WATER];
         write(&mut c, &mut cx, &big);
         assert!(flush(&mut c, &mut cx).is_ready());
-        assert_eq!(c.get_ref().writes.len(), 1);
+        assert_eq!(c.inner.writes.len(), 1);
         // A write beyond the high-water mark drains before buffering more.
         write(&mut c, &mut cx, &big);
         write(&mut c, &mut cx, b"x");
-        assert_eq!(c.get_ref().writes.len(), 2);
+        assert_eq!(c.inner.writes.len(), 2);
     }
 
     #[test]
@@ -370,8 +366,8 @@ mod tests {
         write(&mut c, &mut cx, b"goaway");
         assert!(flush(&mut c, &mut cx).is_ready());
         assert!(Pin::new(&mut c).poll_shutdown(&mut cx).is_ready());
-        assert_eq!(c.get_ref().writes, vec![b"goaway".to_vec()]);
-        assert!(c.get_ref().shut);
+        assert_eq!(c.inner.writes, vec![b"goaway".to_vec()]);
+        assert!(c.inner.shut);
     }
 
     #[test]
@@ -385,10 +381,7 @@ mod tests {
             write(c, &mut cx, b"answer");
             assert!(flush(c, &mut cx).is_ready());
         }
-        let written_at_once = conns
-            .iter()
-            .filter(|c| !c.get_ref().writes.is_empty())
-            .count();
+        let written_at_once = conns.iter().filter(|c| !c.inner.writes.is_empty()).count();
         assert!(
             written_at_once >= 8,
             "only {written_at_once} of {n} wrote at once"
