@@ -223,10 +223,16 @@ fn main() -> ExitCode {
     // too: +4-10% throughput at 64 streams, because answers wait for the
     // connection task and go out together, but for the same reason the p99 at
     // half saturation went from ~3.5 ms to 9 ms (bench/README.md).
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    // Without the LIFO slot, a connection task woken by a finished answer
+    // queues behind the connection's other ready requests instead of running
+    // at once, so their answers leave in one write: +3-5% certificates/s at 64
+    // streams, half-saturation p99 unchanged (bench/README.md). Needs
+    // `--cfg tokio_unstable` (.cargo/config.toml).
+    #[cfg(tokio_unstable)]
+    builder.disable_lifo_slot();
+    let runtime = match builder.build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
