@@ -3,9 +3,17 @@
 //! recorded in an HDR histogram in microseconds; in open-loop mode it is
 //! measured from each request's *intended* start, so a stalled server cannot
 //! hide its queueing (no coordinated omission).
+//!
+//! The intended starts come from one pacer task that hands each start time
+//! to whichever stream is free. tokio's timer wheel has 1 ms ticks and rounds
+//! up: paced with `sleep_until` alone, every request left 0-1 ms after its
+//! intended start and that lateness was counted as server latency. So the
+//! pacer sleeps until 2 ms (two ticks) before a start and then yields to the other tasks
+//! until the start time has come. (A pacer thread was tried: the kernel's
+//! scheduler let it run late behind the runtime's thread on the same CPU.)
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -116,7 +124,6 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
         clients.push(client::connect(&ep).await?);
     }
     let next = Arc::new(AtomicUsize::new(0));
-    let scheduled = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let measure_from = start + args.warmup;
     let deadline = measure_from + args.duration;
@@ -125,14 +132,39 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
     let pid = args.target.server_pid;
     let mut cpu_start = None;
 
+    // Open loop: the pacer releases intended start times on schedule; streams
+    // take them in turn. If every stream is busy they queue here, and the
+    // wait counts as latency.
+    let starts = args.rate.map(|rate| {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+        tokio::spawn(async move {
+            const TICK: Duration = Duration::from_millis(2);
+            for k in 0u64.. {
+                let at = start + Duration::from_secs_f64(k as f64 / rate);
+                if at >= deadline {
+                    break;
+                }
+                if let Some(early) = at.checked_sub(TICK) {
+                    tokio::time::sleep_until(early.into()).await;
+                }
+                while Instant::now() < at {
+                    tokio::task::yield_now().await;
+                }
+                if tx.send(at).is_err() {
+                    break;
+                }
+            }
+        });
+        Arc::new(tokio::sync::Mutex::new(rx))
+    });
+
     let mut tasks = Vec::new();
     for client in &clients {
         for _ in 0..args.streams {
             let mut client = client.clone();
             let pool = pool.clone();
             let next = next.clone();
-            let scheduled = scheduled.clone();
-            let rate = args.rate;
+            let starts = starts.clone();
             let ttl = args.ttl;
             let verify_every = args.verify_every;
             tasks.push(tokio::spawn(async move {
@@ -141,14 +173,12 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
                     ..Outcome::default()
                 };
                 loop {
-                    let intended = match rate {
-                        Some(r) => {
-                            let k = scheduled.fetch_add(1, Ordering::Relaxed);
-                            let at = start + Duration::from_secs_f64(k as f64 / r);
-                            if at >= deadline {
+                    let intended = match &starts {
+                        Some(starts) => {
+                            // None: the pacer has reached the deadline.
+                            let Some(at) = starts.lock().await.recv().await else {
                                 break;
-                            }
-                            tokio::time::sleep_until(at.into()).await;
+                            };
                             at
                         }
                         None => {
