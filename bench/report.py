@@ -187,7 +187,7 @@ def main():
         for (ca, wl), f in sorted(floor_by.items()):
             best = max((v["meshsign"]["throughput_rps"] for k, v in steady.items()
                         if k[0] == ca and k[1] == wl and "meshsign" in v), default=None)
-            share = fmt(best / f["floor_certs_per_s_per_core"] * 100, "{:.0f}%") if best else "–"
+            share = fmt(best / f["floor_certs_per_s_per_core"] * 100, "{:.1f}%") if best else "–"
             L.append(f"| {'P-256' if ca == 'p256' else 'RSA 2048'} | {'P-256' if wl == 'p256' else 'RSA 2048'} | "
                      f"{f['csr_verify_us']:.1f} | {f['jwt_verify_us']:.1f} | {f['sign_us']:.1f} | {f['floor_certs_per_s_per_core']:.0f} | "
                      f"{f['pipeline_us']:.1f} | {f['pipeline_certs_per_s_per_core']:.0f} | {fmt(best, '{:.0f}')} | {share} |")
@@ -210,7 +210,7 @@ def main():
         if vals:
             share = max(vals) / f["floor_certs_per_s_per_core"]
             tg.append((f"≥ 75% of the crypto floor ({'P-256' if ca == 'p256' else 'RSA'} CA, {'P-256' if wl == 'p256' else 'RSA'} workload)",
-                       f"{share*100:.0f}%", share >= 0.75))
+                       f"{share*100:.1f}%", share >= 0.75))
     for (ca, key), by in sorted(extra.items()):
         r = by.get("meshsign")
         if not r:
