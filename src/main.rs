@@ -2,7 +2,7 @@
 //! `request`. Each subcommand is a thin shell over the library.
 
 /// jemalloc, as ztunnel uses. Measured with `meshsign-bench run` (bench/README.md):
-/// 4-7% more certificates per second than glibc's malloc, and with 1,000
+/// 3-7% more certificates per second than glibc's malloc, and with 1,000
 /// connections on an RSA CA 6 MiB less peak RSS, because glibc fragmented its
 /// heap around the larger RSA handshake and answer buffers.
 #[global_allocator]

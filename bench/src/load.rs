@@ -8,9 +8,11 @@
 //! to whichever stream is free. tokio's timer wheel has 1 ms ticks and rounds
 //! up: paced with `sleep_until` alone, every request left 0-1 ms after its
 //! intended start and that lateness was counted as server latency. So the
-//! pacer sleeps until 2 ms (two ticks) before a start and then yields to the other tasks
-//! until the start time has come. (A pacer thread was tried: the kernel's
-//! scheduler let it run late behind the runtime's thread on the same CPU.)
+//! pacer sleeps until two ticks before a start and then yields to the other
+//! tasks until the start time has come; this keeps the load generator's own
+//! CPU busy, which is why bench/run pins it apart from the server. (A pacer
+//! thread was tried: the kernel's scheduler let it run late behind the
+//! runtime's thread on the same CPU.)
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
