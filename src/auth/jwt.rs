@@ -486,11 +486,14 @@ fn decode_part<T: serde::de::DeserializeOwned>(part: &str) -> Option<T> {
     serde_json::from_slice(&bytes).ok()
 }
 
+/// Seconds since the Unix epoch. A clock set before 1970 reads as the far
+/// future, so every token counts as expired: a broken clock fails closed
+/// instead of letting expired tokens through.
 fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs())
-        .unwrap_or(0)
+        .unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]
