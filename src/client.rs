@@ -201,6 +201,8 @@ pub struct CertificateRequest<'a> {
     pub ttl_seconds: i64,
     pub token: Option<&'a str>,
     pub cluster_id: &'a str,
+    /// `ImpersonatedIdentity` metadata, as ztunnel sends it for the pods on its node.
+    pub impersonate: Option<&'a str>,
 }
 
 /// Sends `CreateCertificate` and returns the PEM elements.
@@ -215,6 +217,14 @@ pub async fn create_certificate(
             kind: Some(prost_types::value::Kind::StringValue(String::new())),
         },
     );
+    if let Some(identity) = req.impersonate {
+        metadata.fields.insert(
+            "ImpersonatedIdentity".into(),
+            prost_types::Value {
+                kind: Some(prost_types::value::Kind::StringValue(identity.to_owned())),
+            },
+        );
+    }
     let mut request = tonic::Request::new(IstioCertificateRequest {
         csr: req.csr_pem.clone(),
         validity_duration: req.ttl_seconds,

@@ -47,6 +47,7 @@ struct FileConfig {
     policy: FilePolicy,
     limits: FileLimits,
     monitoring: FileMonitoring,
+    kubernetes: Option<FileKubernetes>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -68,6 +69,7 @@ impl Default for FileConfig {
             policy: FilePolicy::default(),
             limits: FileLimits::default(),
             monitoring: FileMonitoring::default(),
+            kubernetes: None,
         }
     }
 }
@@ -239,8 +241,160 @@ impl Default for FileLimits {
     }
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileKubernetes {
+    clusters: Vec<FileCluster>,
+    #[serde(default)]
+    token_review: FileTokenReview,
+    #[serde(default)]
+    trusted_node_accounts: Vec<String>,
+    #[serde(default)]
+    root_certificates: Option<FileRootPublisher>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileCluster {
+    id: String,
+    #[serde(default)]
+    aliases: Vec<String>,
+    kubeconfig: Option<PathBuf>,
+    #[serde(default)]
+    in_cluster: bool,
+    #[serde(default = "default_tokens")]
+    tokens: String,
+    jwt_issuer: Option<String>,
+}
+
+fn default_tokens() -> String {
+    "tokenreview".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileTokenReview {
+    audiences: Vec<String>,
+    cache_ttl: String,
+    cache_size: usize,
+    timeout: String,
+    max_concurrent: usize,
+}
+
+impl Default for FileTokenReview {
+    fn default() -> Self {
+        Self {
+            audiences: default_audiences(),
+            cache_ttl: "60s".into(),
+            cache_size: 100_000,
+            timeout: "5s".into(),
+            max_concurrent: 32,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileRootPublisher {
+    configmap: bool,
+    namespace_selector: String,
+    cluster_trust_bundle: bool,
+    lease_namespace: String,
+    lease_name: String,
+    lease_duration: String,
+    holder_identity: Option<String>,
+    resync: String,
+}
+
+impl Default for FileRootPublisher {
+    fn default() -> Self {
+        Self {
+            configmap: true,
+            namespace_selector: String::new(),
+            cluster_trust_bundle: false,
+            lease_namespace: "istio-system".into(),
+            lease_name: "meshsign-root-publisher".into(),
+            lease_duration: "15s".into(),
+            holder_identity: None,
+            resync: "5m".into(),
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // The validated settings.
+
+/// How a cluster's bearer tokens are verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClusterTokens {
+    /// A `TokenReview` against the cluster's API server (istiod's way).
+    TokenReview,
+    /// Offline, with the `authn.jwt` issuer of this name.
+    Jwt { issuer: String },
+}
+
+/// How to reach a cluster's API server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KubeAccess {
+    /// The pod's service account (`KUBERNETES_SERVICE_HOST`, the mounted token and CA).
+    InCluster,
+    /// A kubeconfig file (its current context).
+    Kubeconfig(PathBuf),
+}
+
+/// One cluster of the mesh.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// The `clusterid` agents of this cluster send (`ISTIO_META_CLUSTER_ID`).
+    pub id: String,
+    pub aliases: Vec<String>,
+    pub access: KubeAccess,
+    pub tokens: ClusterTokens,
+}
+
+/// TokenReview settings, shared by every cluster that uses it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenReviewConfig {
+    pub audiences: Vec<String>,
+    /// Longest a review result is reused (also bounded by the token's `exp`);
+    /// the bound on how long a deleted pod's or service account's token
+    /// keeps working.
+    pub cache_ttl: Duration,
+    pub cache_size: usize,
+    pub timeout: Duration,
+    /// Reviews in flight at once, per cluster.
+    pub max_concurrent: usize,
+}
+
+/// Publishing the root bundle into the clusters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RootPublisherConfig {
+    /// Keep ConfigMap `istio-ca-root-cert` in every namespace.
+    pub configmap: bool,
+    /// Only namespaces matching this label selector (empty: all).
+    pub namespace_selector: String,
+    /// Also publish a `ClusterTrustBundle` `istio.io:istiod-ca:root-cert`.
+    pub cluster_trust_bundle: bool,
+    pub lease_namespace: String,
+    pub lease_name: String,
+    pub lease_duration: Duration,
+    /// This replica's name in the Lease.
+    pub holder_identity: String,
+    /// Full re-check of every namespace this often, on top of the watches.
+    pub resync: Duration,
+}
+
+/// Everything Kubernetes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KubernetesConfig {
+    /// The first is the local cluster (selected by an empty `clusterid`).
+    pub clusters: Vec<ClusterConfig>,
+    pub token_review: TokenReviewConfig,
+    /// `(namespace, service account)` pairs allowed to impersonate pods on
+    /// their own node (istiod's `CA_TRUSTED_NODE_ACCOUNTS`).
+    pub trusted_node_accounts: Vec<(String, String)>,
+    pub root_publisher: Option<RootPublisherConfig>,
+}
 
 /// Where the CA comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -318,6 +472,9 @@ pub struct Config {
     pub limits: Limits,
     /// Where `/metrics` and `/healthz/*` are served; `None` = not at all.
     pub monitoring_listen: Option<SocketAddr>,
+    /// Kubernetes clusters (TokenReview, node authorization, root
+    /// publishing); `None` = no Kubernetes API access at all.
+    pub kubernetes: Option<KubernetesConfig>,
 }
 
 impl Config {
@@ -551,7 +708,15 @@ impl FileConfig {
                 refresh,
             });
         }
-        if ca != CaSource::Dev && jwt.is_empty() && !self.authn.client_certificates {
+        let kubernetes = match self.kubernetes {
+            None => None,
+            Some(k) => Some(validate_kubernetes(k, &jwt)?),
+        };
+        if ca != CaSource::Dev
+            && jwt.is_empty()
+            && !self.authn.client_certificates
+            && kubernetes.is_none()
+        {
             return Err(invalid(
                 "authn",
                 "no authenticator is enabled: configure authn.jwt or enable client_certificates",
@@ -641,6 +806,7 @@ impl FileConfig {
         };
 
         Ok(Config {
+            kubernetes,
             monitoring_listen,
             listen,
             state_dir: self.state_dir,
@@ -657,6 +823,234 @@ impl FileConfig {
             limits,
         })
     }
+}
+
+/// A Kubernetes object name (DNS-1123 label, as namespaces and service
+/// accounts are in practice).
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+fn validate_kubernetes(
+    k: FileKubernetes,
+    jwt: &[JwtIssuerConfig],
+) -> Result<KubernetesConfig, ConfigError> {
+    if k.clusters.is_empty() {
+        return Err(invalid(
+            "kubernetes.clusters",
+            "list at least one cluster (the first is the local one)",
+        ));
+    }
+    let mut clusters: Vec<ClusterConfig> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for (i, c) in k.clusters.into_iter().enumerate() {
+        let key = |k: &str| format!("kubernetes.clusters[{i}].{k}");
+        if c.id.trim().is_empty() {
+            return Err(invalid(&key("id"), "must not be empty"));
+        }
+        for (j, name) in std::iter::once(&c.id).chain(&c.aliases).enumerate() {
+            let field = if j == 0 { "id" } else { "aliases" };
+            if name.is_empty() {
+                return Err(invalid(&key(field), "must not contain an empty name"));
+            }
+            if !seen.insert(name.clone()) {
+                return Err(invalid(
+                    &key(field),
+                    format!("cluster name {name:?} is used twice"),
+                ));
+            }
+        }
+        let access = match (c.kubeconfig, c.in_cluster) {
+            (Some(_), true) => {
+                return Err(invalid(
+                    &key("kubeconfig"),
+                    "set either kubeconfig or in_cluster, not both",
+                ))
+            }
+            (Some(path), false) => KubeAccess::Kubeconfig(path),
+            (None, true) => KubeAccess::InCluster,
+            (None, false) => {
+                return Err(invalid(
+                    &key("kubeconfig"),
+                    "one of kubeconfig or in_cluster: true is required",
+                ))
+            }
+        };
+        let tokens = match (c.tokens.as_str(), c.jwt_issuer) {
+            ("tokenreview", None) => ClusterTokens::TokenReview,
+            ("tokenreview", Some(_)) => {
+                return Err(invalid(
+                    &key("jwt_issuer"),
+                    "only meaningful with tokens: jwt",
+                ))
+            }
+            ("jwt", Some(issuer)) => {
+                if !jwt.iter().any(|j| j.issuer == issuer) {
+                    return Err(invalid(
+                        &key("jwt_issuer"),
+                        format!("{issuer:?} is not an authn.jwt issuer"),
+                    ));
+                }
+                ClusterTokens::Jwt { issuer }
+            }
+            ("jwt", None) => {
+                return Err(invalid(
+                    &key("jwt_issuer"),
+                    "tokens: jwt needs the authn.jwt issuer to use",
+                ))
+            }
+            (other, _) => {
+                return Err(invalid(
+                    &key("tokens"),
+                    format!("{other:?} is not tokenreview or jwt"),
+                ))
+            }
+        };
+        clusters.push(ClusterConfig {
+            id: c.id,
+            aliases: c.aliases,
+            access,
+            tokens,
+        });
+    }
+    for (i, j) in jwt.iter().enumerate() {
+        let used = clusters
+            .iter()
+            .any(|c| matches!(&c.tokens, ClusterTokens::Jwt { issuer } if *issuer == j.issuer));
+        if !used {
+            return Err(invalid(
+                &format!("authn.jwt[{i}].issuer"),
+                "with `kubernetes` configured, every JWT issuer must belong to a cluster \
+                 (kubernetes.clusters[].tokens: jwt, jwt_issuer)",
+            ));
+        }
+    }
+
+    let t = k.token_review;
+    if t.audiences.is_empty() || t.audiences.iter().any(|a| a.is_empty()) {
+        return Err(invalid(
+            "kubernetes.token_review.audiences",
+            "at least one non-empty audience is required",
+        ));
+    }
+    let cache_ttl = duration("kubernetes.token_review.cache_ttl", &t.cache_ttl)?;
+    if cache_ttl > Duration::from_secs(3600) {
+        return Err(invalid(
+            "kubernetes.token_review.cache_ttl",
+            "must be at most 1h (0s: no cache)",
+        ));
+    }
+    let timeout = duration("kubernetes.token_review.timeout", &t.timeout)?;
+    if timeout < Duration::from_millis(100) || timeout > Duration::from_secs(60) {
+        return Err(invalid(
+            "kubernetes.token_review.timeout",
+            "must be between 100ms and 60s",
+        ));
+    }
+    if !(1..=10_000_000).contains(&t.cache_size) {
+        return Err(invalid(
+            "kubernetes.token_review.cache_size",
+            "must be between 1 and 10000000",
+        ));
+    }
+    if !(1..=1024).contains(&t.max_concurrent) {
+        return Err(invalid(
+            "kubernetes.token_review.max_concurrent",
+            "must be between 1 and 1024",
+        ));
+    }
+
+    let mut trusted_node_accounts = Vec::new();
+    for (i, a) in k.trusted_node_accounts.iter().enumerate() {
+        match a.split_once('/') {
+            Some((ns, sa)) if is_dns_label(ns) && !sa.is_empty() && !sa.contains('/') => {
+                trusted_node_accounts.push((ns.to_owned(), sa.to_owned()))
+            }
+            _ => {
+                return Err(invalid(
+                    &format!("kubernetes.trusted_node_accounts[{i}]"),
+                    format!("{a:?} is not <namespace>/<service account>"),
+                ))
+            }
+        }
+    }
+
+    let root_publisher = match k.root_certificates {
+        None => None,
+        Some(r) => {
+            let key = |k: &str| format!("kubernetes.root_certificates.{k}");
+            if !is_dns_label(&r.lease_namespace) {
+                return Err(invalid(&key("lease_namespace"), "not a namespace name"));
+            }
+            if r.lease_name.is_empty() || r.lease_name.len() > 253 {
+                return Err(invalid(&key("lease_name"), "not an object name"));
+            }
+            let lease_duration = duration(&key("lease_duration"), &r.lease_duration)?;
+            if lease_duration < Duration::from_secs(2) || lease_duration > Duration::from_secs(600)
+            {
+                return Err(invalid(
+                    &key("lease_duration"),
+                    "must be between 2s and 10m",
+                ));
+            }
+            let resync = duration(&key("resync"), &r.resync)?;
+            if resync < Duration::from_secs(1) {
+                return Err(invalid(&key("resync"), "must be at least 1s"));
+            }
+            if !r.configmap && !r.cluster_trust_bundle {
+                return Err(invalid(
+                    &key("configmap"),
+                    "enable configmap or cluster_trust_bundle (or omit root_certificates)",
+                ));
+            }
+            let holder_identity = match r.holder_identity {
+                Some(h) if !h.is_empty() => h,
+                Some(_) => return Err(invalid(&key("holder_identity"), "must not be empty")),
+                None => default_holder_identity(),
+            };
+            Some(RootPublisherConfig {
+                configmap: r.configmap,
+                namespace_selector: r.namespace_selector,
+                cluster_trust_bundle: r.cluster_trust_bundle,
+                lease_namespace: r.lease_namespace,
+                lease_name: r.lease_name,
+                lease_duration,
+                holder_identity,
+                resync,
+            })
+        }
+    };
+
+    Ok(KubernetesConfig {
+        clusters,
+        token_review: TokenReviewConfig {
+            audiences: t.audiences,
+            cache_ttl,
+            cache_size: t.cache_size,
+            timeout,
+            max_concurrent: t.max_concurrent,
+        },
+        trusted_node_accounts,
+        root_publisher,
+    })
+}
+
+/// `<pod name (HOSTNAME)>-<random>`: unique per process, so two replicas (or
+/// two processes on one machine) never share a Lease identity.
+fn default_holder_identity() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "meshsign".into());
+    let mut random = [0u8; 4];
+    let _ = aws_lc_rs::rand::fill(&mut random);
+    let suffix: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{host}-{suffix}")
 }
 
 #[cfg(test)]
@@ -724,5 +1118,65 @@ policy: { default_ttl: "24h", max_ttl: "2160h" }
         }
         let err = Config::from_yaml("polcy: {}").unwrap_err().to_string();
         assert!(err.contains("unknown field `polcy`"), "{err}");
+    }
+
+    #[test]
+    fn kubernetes_errors_name_the_key() {
+        let k = |body: &str| format!("kubernetes:\n{body}");
+        let cases = [
+            (k("  clusters: []\n"), "kubernetes.clusters"),
+            (
+                k("  clusters: [ { id: a } ]\n"),
+                "kubernetes.clusters[0].kubeconfig",
+            ),
+            (
+                k("  clusters: [ { id: a, in_cluster: true }, { id: b, aliases: [a], in_cluster: true } ]\n"),
+                "kubernetes.clusters[1].aliases",
+            ),
+            (
+                k("  clusters: [ { id: a, in_cluster: true, kubeconfig: x } ]\n"),
+                "kubernetes.clusters[0].kubeconfig",
+            ),
+            (
+                k("  clusters: [ { id: a, in_cluster: true, tokens: oidc } ]\n"),
+                "kubernetes.clusters[0].tokens",
+            ),
+            (
+                k("  clusters: [ { id: a, in_cluster: true, tokens: jwt, jwt_issuer: nope } ]\n"),
+                "kubernetes.clusters[0].jwt_issuer",
+            ),
+            (
+                format!(
+                    "authn: {{ jwt: [ {{ issuer: x, jwks_file: j }} ] }}\n{}",
+                    k("  clusters: [ { id: a, in_cluster: true } ]\n")
+                ),
+                "authn.jwt[0].issuer",
+            ),
+            (
+                k("  clusters: [ { id: a, in_cluster: true } ]\n  trusted_node_accounts: [ztunnel]\n"),
+                "kubernetes.trusted_node_accounts[0]",
+            ),
+            (
+                k("  clusters: [ { id: a, in_cluster: true } ]\n  token_review: { cache_ttl: 2h }\n"),
+                "kubernetes.token_review.cache_ttl",
+            ),
+            (
+                k("  clusters: [ { id: a, in_cluster: true } ]\n  root_certificates: { lease_duration: 1s }\n"),
+                "kubernetes.root_certificates.lease_duration",
+            ),
+        ];
+        for (yaml, key) in cases {
+            let err = Config::from_yaml(&yaml).unwrap_err().to_string();
+            assert!(err.contains(key), "{yaml}: {err}");
+        }
+        let ok = Config::from_yaml(&k(
+            "  clusters: [ { id: a, aliases: [Kubernetes], in_cluster: true }, { id: b, kubeconfig: /k } ]\n  root_certificates: {}\n",
+        ))
+        .unwrap();
+        let kube = ok.kubernetes.unwrap();
+        assert_eq!(kube.token_review.cache_ttl, Duration::from_secs(60));
+        let roots = kube.root_publisher.unwrap();
+        assert!(roots.configmap && !roots.cluster_trust_bundle);
+        assert!(!roots.holder_identity.is_empty());
     }
 }

@@ -14,6 +14,7 @@ use tonic::{Code, Status};
 use crate::auth::AuthError;
 use crate::ca::SignError;
 use crate::csr::CsrError;
+use crate::k8s::node_auth::NodeAuthError;
 use crate::policy::PolicyError;
 
 /// A failed request.
@@ -23,8 +24,12 @@ pub enum RequestError {
     Unauthenticated(#[from] AuthError),
     #[error("plaintext connection refused (TLS is required)")]
     PlaintextRefused,
+    #[error("authentication unavailable: {0}")]
+    AuthUnavailable(AuthError),
     #[error("impersonation refused: {0}")]
-    Impersonation(String),
+    Impersonation(NodeAuthError),
+    #[error("impersonation cannot be checked yet: {0}")]
+    ImpersonationUnavailable(NodeAuthError),
     #[error(transparent)]
     Csr(#[from] CsrError),
     #[error(transparent)]
@@ -42,11 +47,25 @@ impl RequestError {
             RequestError::Unauthenticated(_)
             | RequestError::PlaintextRefused
             | RequestError::Impersonation(_) => Code::Unauthenticated,
+            RequestError::AuthUnavailable(_) | RequestError::ImpersonationUnavailable(_) => {
+                Code::Unavailable
+            }
             RequestError::Csr(_) => Code::InvalidArgument,
             RequestError::Policy(p) if p.is_invalid_argument() => Code::InvalidArgument,
             RequestError::Policy(_) => Code::PermissionDenied,
             RequestError::Sign(_) | RequestError::Internal(_) => Code::Internal,
         }
+    }
+
+    /// Counted in istiod's `citadel_server_authentication_failure_count`
+    /// (impersonation failures included, as istiod counts them).
+    pub fn is_authentication_failure(&self) -> bool {
+        matches!(
+            self,
+            RequestError::Unauthenticated(_)
+                | RequestError::PlaintextRefused
+                | RequestError::Impersonation(_)
+        )
     }
 
     /// istiod's `citadel_server_csr_sign_err_count` label, where one applies.
@@ -69,6 +88,13 @@ impl RequestError {
             RequestError::Impersonation(_) => {
                 "request impersonation authentication failure".to_owned()
             }
+            RequestError::AuthUnavailable(_) => {
+                "request authenticate failure: token review unavailable, retry".to_owned()
+            }
+            RequestError::ImpersonationUnavailable(_) => {
+                "request impersonation authentication failure: pod cache not synced, retry"
+                    .to_owned()
+            }
             RequestError::Csr(e) => format!("CSR signing error ({e})"),
             RequestError::Policy(e) if e.is_invalid_argument() => {
                 format!("CSR signing error ({e})")
@@ -89,6 +115,7 @@ mod tests {
     fn auth_details_stay_private() {
         let e = RequestError::Unauthenticated(AuthError {
             reasons: vec!["bearer token: issuer \"x\" is not configured".into()],
+            unavailable: false,
         });
         let s = e.to_status();
         assert_eq!(s.code(), Code::Unauthenticated);

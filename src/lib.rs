@@ -12,9 +12,11 @@
 pub mod auth;
 pub mod ca;
 pub mod client;
+pub mod clock;
 pub mod config;
 pub mod csr;
 pub mod error;
+pub mod k8s;
 pub mod logging;
 pub mod metrics;
 pub mod pki;

@@ -544,6 +544,7 @@ async fn request(args: RequestArgs) -> Result<(), String> {
             ttl_seconds,
             token: token.as_deref(),
             cluster_id: &args.cluster_id,
+            impersonate: None,
         },
     )
     .await

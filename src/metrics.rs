@@ -39,6 +39,10 @@ pub struct Metrics {
     /// `requests{code="OK"}`, resolved once: the hot path only increments.
     pub requests_ok: IntCounter,
     pub duration: Histogram,
+    /// `meshsign_token_reviews_total{cluster, result}`: TokenReviews sent.
+    pub token_reviews: IntCounterVec,
+    /// `meshsign_token_review_cache_total{cluster, lookup}`: hit, miss, joined.
+    pub token_review_cache: IntCounterVec,
     root_expiry: Gauge,
     root_expiry_seconds: Gauge,
     chain_expiry: Gauge,
@@ -83,7 +87,31 @@ impl Metrics {
                 ]),
             )?,
         )?;
+        let token_reviews = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "meshsign_token_reviews_total",
+                    "TokenReviews sent to a cluster's API server, by result \
+                     (authenticated, refused, unavailable).",
+                ),
+                &["cluster", "result"],
+            )?,
+        )?;
+        let token_review_cache = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "meshsign_token_review_cache_total",
+                    "Token checks by how the review cache answered: hit (cached result), \
+                     joined (a review already in flight), miss (a new review).",
+                ),
+                &["cluster", "lookup"],
+            )?,
+        )?;
         Ok(Metrics {
+            token_reviews,
+            token_review_cache,
             csr_count: counter(
                 "citadel_server_csr_count",
                 "The number of CSRs received by Citadel server.",

@@ -291,6 +291,7 @@ async fn every_bad_input_gets_its_code_and_the_server_keeps_serving() {
                 ttl_seconds: case.ttl,
                 token: case.token.as_deref(),
                 cluster_id: "Kubernetes",
+                impersonate: None,
             },
         )
         .await;
@@ -316,6 +317,7 @@ async fn every_bad_input_gets_its_code_and_the_server_keeps_serving() {
                 ttl_seconds: 600,
                 token: Some(&good_token),
                 cluster_id: "Kubernetes",
+                impersonate: None,
             },
         )
         .await;

@@ -119,6 +119,7 @@ async fn renewal_over_mtls_with_the_first_certificate() {
             ttl_seconds: 3600,
             token: None,
             cluster_id: "",
+            impersonate: None,
         },
     )
     .await

@@ -473,6 +473,7 @@ impl JwtAuthenticator {
                 issuer: issuer.issuer.clone(),
             },
             pod: account.pod,
+            cluster: None,
         })
     }
 }

@@ -4,8 +4,10 @@
 //! 1. a client certificate, already verified against the mesh roots by the TLS
 //!    layer, whose single SPIFFE URI SAN is in the mesh's trust domain (or an
 //!    alias): this is how workloads renew;
-//! 2. a `Bearer` JWT from one of the configured issuers (Kubernetes
-//!    service-account tokens, verified offline against a JWKS).
+//! 2. a `Bearer` token: without `kubernetes` clusters, a JWT from one of the
+//!    configured issuers (verified offline against a JWKS); with them, the
+//!    cluster named by the `clusterid` header checks it, by `TokenReview`
+//!    (istiod's way) or offline with that cluster's own issuer.
 //!
 //! Every failure becomes one [`AuthError`] that lists why each authenticator
 //! declined, for the log. The caller only ever sees
@@ -14,10 +16,13 @@
 pub mod jwt;
 
 use std::fmt;
+use std::sync::Arc;
 
 use rustls_pki_types::CertificateDer;
 use x509_parser::extensions::GeneralName;
 
+use crate::k8s::tokenreview::ReviewError;
+use crate::k8s::{Cluster, Clusters, TokenCheck};
 use crate::spiffe::SpiffeId;
 
 pub use jwt::{JwtAuthenticator, JwtError, JwtIssuer};
@@ -27,6 +32,7 @@ pub use jwt::{JwtAuthenticator, JwtError, JwtIssuer};
 pub enum AuthSource {
     ClientCertificate,
     Jwt { issuer: String },
+    TokenReview { cluster: String },
 }
 
 impl fmt::Display for AuthSource {
@@ -34,6 +40,7 @@ impl fmt::Display for AuthSource {
         match self {
             AuthSource::ClientCertificate => f.write_str("client certificate"),
             AuthSource::Jwt { issuer } => write!(f, "JWT from {issuer}"),
+            AuthSource::TokenReview { cluster } => write!(f, "TokenReview in cluster {cluster}"),
         }
     }
 }
@@ -51,6 +58,9 @@ pub struct CallerIdentity {
     pub id: SpiffeId,
     pub source: AuthSource,
     pub pod: Option<PodInfo>,
+    /// The cluster whose token authenticated the caller, when clusters are
+    /// configured (node authorization reads its pods).
+    pub cluster: Option<Arc<Cluster>>,
 }
 
 /// The credentials a request arrived with, as the transport saw them.
@@ -61,6 +71,8 @@ pub struct Credentials<'a> {
     pub bearer_token: Option<&'a str>,
     /// The client's leaf certificate, if it presented one (already chain-verified).
     pub client_certificate: Option<&'a CertificateDer<'static>>,
+    /// The `clusterid` header ("" when absent or sent more than once).
+    pub cluster_id: &'a str,
 }
 
 impl fmt::Debug for Credentials<'_> {
@@ -68,6 +80,7 @@ impl fmt::Debug for Credentials<'_> {
         f.debug_struct("Credentials")
             .field("bearer_token", &self.bearer_token.map(|_| "<redacted>"))
             .field("client_certificate", &self.client_certificate.is_some())
+            .field("cluster_id", &self.cluster_id)
             .finish()
     }
 }
@@ -76,6 +89,9 @@ impl fmt::Debug for Credentials<'_> {
 #[derive(Debug, Default)]
 pub struct AuthError {
     pub reasons: Vec<String>,
+    /// A token could not be checked because its checker (the API server)
+    /// did not answer: retryable (`UNAVAILABLE`), not a refusal.
+    pub unavailable: bool,
 }
 
 impl fmt::Display for AuthError {
@@ -90,12 +106,21 @@ impl fmt::Display for AuthError {
 
 impl std::error::Error for AuthError {}
 
+/// Where bearer tokens are checked.
+#[derive(Debug)]
+enum TokenAuth {
+    /// Every configured issuer, `clusterid` ignored.
+    Issuers(JwtAuthenticator),
+    /// The cluster `clusterid` names.
+    Clusters(Arc<Clusters>),
+}
+
 /// The configured authenticators.
 #[derive(Debug)]
 pub struct Authenticator {
     client_certificates: bool,
     trust_domains: Vec<String>,
-    jwt: JwtAuthenticator,
+    tokens: TokenAuth,
 }
 
 impl Authenticator {
@@ -108,16 +133,26 @@ impl Authenticator {
         Self {
             client_certificates,
             trust_domains,
-            jwt,
+            tokens: TokenAuth::Issuers(jwt),
         }
     }
 
-    pub fn jwt(&self) -> &JwtAuthenticator {
-        &self.jwt
+    /// Bearer tokens are checked by the cluster each request names instead.
+    pub fn with_clusters(mut self, clusters: Arc<Clusters>) -> Self {
+        self.tokens = TokenAuth::Clusters(clusters);
+        self
+    }
+
+    /// The clusters, when configured.
+    pub fn clusters(&self) -> Option<&Arc<Clusters>> {
+        match &self.tokens {
+            TokenAuth::Clusters(c) => Some(c),
+            TokenAuth::Issuers(_) => None,
+        }
     }
 
     /// Authenticates a request; see the module docs for the order.
-    pub fn authenticate(&self, creds: Credentials<'_>) -> Result<CallerIdentity, AuthError> {
+    pub async fn authenticate(&self, creds: Credentials<'_>) -> Result<CallerIdentity, AuthError> {
         let mut err = AuthError::default();
         if let Some(cert) = creds.client_certificate {
             if self.client_certificates {
@@ -127,6 +162,7 @@ impl Authenticator {
                             id,
                             source: AuthSource::ClientCertificate,
                             pod: None,
+                            cluster: None,
                         })
                     }
                     Err(e) => err.reasons.push(format!("client certificate: {e}")),
@@ -138,9 +174,12 @@ impl Authenticator {
             }
         }
         match creds.bearer_token {
-            Some(token) => match self.jwt.verify(token) {
+            Some(token) => match self.check_token(token, creds.cluster_id).await {
                 Ok(caller) => return Ok(caller),
-                Err(e) => err.reasons.push(format!("bearer token: {e}")),
+                Err((reason, unavailable)) => {
+                    err.reasons.push(format!("bearer token: {reason}"));
+                    err.unavailable = unavailable;
+                }
             },
             None if creds.client_certificate.is_some() => {
                 err.reasons.push("no bearer token".into())
@@ -148,6 +187,59 @@ impl Authenticator {
             None => {}
         }
         Err(err)
+    }
+
+    /// Checks a bearer token; on failure, the reason and whether it is
+    /// retryable.
+    async fn check_token(
+        &self,
+        token: &str,
+        cluster_id: &str,
+    ) -> Result<CallerIdentity, (String, bool)> {
+        let clusters = match &self.tokens {
+            TokenAuth::Issuers(jwt) => {
+                return jwt.verify(token).map_err(|e| (e.to_string(), false))
+            }
+            TokenAuth::Clusters(clusters) => clusters,
+        };
+        let cluster = clusters
+            .select(cluster_id)
+            .map_err(|e| (e.to_string(), false))?;
+        let mut caller = match &cluster.tokens {
+            TokenCheck::Jwt(jwt) => jwt.verify(token).map_err(|e| {
+                (
+                    format!(
+                        "failed to validate the JWT from cluster {:?}: {e}",
+                        cluster.id
+                    ),
+                    false,
+                )
+            })?,
+            TokenCheck::TokenReview(review) => {
+                let account = review.authenticate(token).await.map_err(|e| {
+                    (
+                        format!(
+                            "failed to validate the JWT from cluster {:?}: {e}",
+                            cluster.id
+                        ),
+                        matches!(e, ReviewError::Unavailable(_)),
+                    )
+                })?;
+                let trust_domain = self.trust_domains.first().map_or("", String::as_str);
+                let id = SpiffeId::new(trust_domain, &account.namespace, &account.service_account)
+                    .map_err(|e| (format!("service account: {e}"), false))?;
+                CallerIdentity {
+                    id,
+                    source: AuthSource::TokenReview {
+                        cluster: cluster.id.clone(),
+                    },
+                    pod: account.pod,
+                    cluster: None,
+                }
+            }
+        };
+        caller.cluster = Some(cluster.clone());
+        Ok(caller)
     }
 }
 

@@ -27,6 +27,8 @@ use crate::auth::{Authenticator, JwtAuthenticator, JwtIssuer};
 use crate::ca::dev::{self, DevCaState};
 use crate::ca::{Ca, LeafSpec, SanEntry};
 use crate::config::{CaSource, Config, JwksLocation, ServerTls};
+use crate::k8s::node_auth::NodeAuthorizer;
+use crate::k8s::TokenCheck;
 use crate::proto::istio_certificate_service_server::IstioCertificateServiceServer;
 use crate::token::{DevTokenIssuer, DEFAULT_AUDIENCE, DEV_ISSUER};
 
@@ -46,6 +48,8 @@ pub enum StartError {
     ServingCertificate(String),
     #[error("metrics: {0}")]
     Monitoring(String),
+    #[error(transparent)]
+    Kubernetes(#[from] crate::k8s::ClusterError),
     #[error("cannot listen on {addr}: {reason}")]
     Listen { addr: SocketAddr, reason: String },
 }
@@ -104,6 +108,8 @@ pub async fn start(config: &Config) -> Result<RunningServer, StartError> {
     let client_roots = ca.bundle().roots.clone();
     let ca = Arc::new(ArcSwap::from_pointee(ca));
     let ca_changed = Arc::new(tokio::sync::Notify::new());
+    // The current root bundle, for whoever publishes it (root ConfigMaps).
+    let (roots_tx, _) = tokio::sync::watch::channel(roots_pem.clone());
     if let CaSource::Dir(dir) = &config.ca {
         if !config.ca_reload_interval.is_zero() {
             tokio::spawn(crate::ca::reload::watch(
@@ -118,11 +124,43 @@ pub async fn start(config: &Config) -> Result<RunningServer, StartError> {
     let issuers = jwt_issuers(config).await?;
     let mut trust_domains = vec![config.policy.trust_domain.clone()];
     trust_domains.extend(config.policy.trust_domain_aliases.iter().cloned());
-    let authenticator = Authenticator::new(
+    let mut authenticator = Authenticator::new(
         config.authn.client_certificates,
         trust_domains,
         JwtAuthenticator::new(issuers.clone(), config.policy.trust_domain.clone()),
     );
+    let mut node_authorizer = NodeAuthorizer::default();
+    if let Some(k) = &config.kubernetes {
+        let clusters = crate::k8s::build(
+            k,
+            &issuers,
+            config.trust_domain(),
+            Arc::new(crate::clock::SystemClock),
+            &metrics,
+        )
+        .await?;
+        for c in clusters.all() {
+            tracing::info!(
+                cluster = %c.id,
+                aliases = ?c.aliases,
+                tokens = match c.tokens { TokenCheck::TokenReview(_) => "tokenreview", TokenCheck::Jwt(_) => "jwt" },
+                node_authorization = c.pods.is_some(),
+                "kubernetes cluster configured"
+            );
+        }
+        if let Some(publisher) = &k.root_publisher {
+            for c in clusters.all() {
+                tokio::spawn(crate::k8s::roots::run(
+                    c.client.clone(),
+                    c.id.clone(),
+                    publisher.clone(),
+                    roots_tx.subscribe(),
+                ));
+            }
+        }
+        node_authorizer = NodeAuthorizer::new(k.trusted_node_accounts.iter().cloned());
+        authenticator = authenticator.with_clusters(Arc::new(clusters));
+    }
     for issuer in issuers {
         let refresh = config
             .authn
@@ -178,7 +216,8 @@ pub async fn start(config: &Config) -> Result<RunningServer, StartError> {
             plaintext,
             metrics.clone(),
         )
-        .map_err(|e| StartError::ServingCertificate(format!("cannot start signer threads: {e}")))?,
+        .map_err(|e| StartError::ServingCertificate(format!("cannot start signer threads: {e}")))?
+        .with_node_authorizer(node_authorizer),
     );
     let ca_service = IstioCertificateServiceServer::new(service)
         .max_decoding_message_size(config.limits.max_request_bytes);
@@ -186,12 +225,20 @@ pub async fn start(config: &Config) -> Result<RunningServer, StartError> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     tokio::spawn(watch_health(health_reporter, ca.clone(), metrics.clone()));
     {
-        // Expiry gauges follow CA reloads.
+        // Expiry gauges and the published roots follow CA reloads.
         let (ca, metrics, changed) = (ca.clone(), metrics.clone(), ca_changed.clone());
         tokio::spawn(async move {
             loop {
                 changed.notified().await;
-                metrics.record_ca(&ca.load());
+                let current = ca.load();
+                metrics.record_ca(&current);
+                roots_tx.send_if_modified(|roots| {
+                    let changed = roots.as_str() != current.roots_pem();
+                    if changed {
+                        *roots = current.roots_pem().to_owned();
+                    }
+                    changed
+                });
             }
         });
     }

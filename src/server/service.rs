@@ -15,6 +15,7 @@ use crate::ca::pool::SigningPool;
 use crate::ca::{Ca, LeafSpec, SanEntry};
 use crate::csr::{self, KeyPolicy};
 use crate::error::RequestError;
+use crate::k8s::node_auth::{NodeAuthError, NodeAuthorizer};
 use crate::metrics::Metrics;
 use crate::pki;
 use crate::policy::Policy;
@@ -23,6 +24,8 @@ use crate::proto::{IstioCertificateRequest, IstioCertificateResponse};
 
 /// Struct key istiod reads for node impersonation (ztunnel).
 const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
+/// Header istio-agent and ztunnel name their cluster with (`ClusterID`, lower-cased by gRPC).
+const CLUSTER_ID: &str = "clusterid";
 /// Longest Common Name X.509 allows; istiod omits a longer dual-use CN.
 const MAX_CN_LEN: usize = 64;
 
@@ -31,6 +34,8 @@ const MAX_CN_LEN: usize = 64;
 pub struct CertificateService {
     ca: Arc<ArcSwap<Ca>>,
     authenticator: Authenticator,
+    /// Trusted node accounts (ztunnel); `None`: impersonation is refused.
+    node_authorizer: Option<NodeAuthorizer>,
     policy: Policy,
     key_policy: KeyPolicy,
     /// Signer threads for slow (RSA) keys, one per core, off the reactor.
@@ -52,6 +57,7 @@ impl CertificateService {
         Ok(Self {
             ca,
             authenticator,
+            node_authorizer: None,
             policy,
             key_policy,
             signers: SigningPool::new(cores)?,
@@ -60,10 +66,17 @@ impl CertificateService {
         })
     }
 
-    /// Everything that reads the request: authentication, CSR checks, policy
-    /// and TTL. Synchronous, so the request (token, CSR PEM, headers) can be
-    /// dropped before a request waits for a signing slot.
-    pub fn authorize(
+    /// Lets the trusted node accounts impersonate pods on their node.
+    pub fn with_node_authorizer(mut self, authorizer: NodeAuthorizer) -> Self {
+        self.node_authorizer = (!authorizer.is_empty()).then_some(authorizer);
+        self
+    }
+
+    /// Everything that reads the request: authentication, node
+    /// authorization, CSR checks, policy and TTL. Returns only what signing
+    /// needs, so the request (token, CSR PEM, headers) can be dropped before
+    /// a request waits for a signing slot.
+    pub async fn authorize(
         &self,
         peer: Option<&PeerInfo>,
         metadata: &MetadataMap,
@@ -76,27 +89,25 @@ impl CertificateService {
         let creds = Credentials {
             bearer_token: bearer_token(metadata),
             client_certificate: peer.and_then(|p| p.client_certificate.as_ref()),
+            cluster_id: cluster_id(metadata),
         };
-        let caller = self.authenticator.authenticate(creds)?;
+        let caller = match self.authenticator.authenticate(creds).await {
+            Ok(caller) => caller,
+            Err(e) if e.unavailable => return Err(RequestError::AuthUnavailable(e)),
+            Err(e) => return Err(RequestError::Unauthenticated(e)),
+        };
 
-        if let Some(impersonated) = request
-            .metadata
-            .as_ref()
-            .and_then(|m| m.fields.get(IMPERSONATED_IDENTITY))
-            .and_then(|v| match &v.kind {
-                Some(prost_types::value::Kind::StringValue(s)) if !s.is_empty() => Some(s),
-                _ => None,
-            })
-        {
-            let shown: String = impersonated.chars().take(120).collect();
-            return Err(RequestError::Impersonation(format!(
-                "{} asked to impersonate {shown:?}, but no node authorizer is configured",
-                caller.id
-            )));
-        }
+        // The identity the leaf is for: the caller's own, or (ztunnel) the
+        // pod identity it impersonates. Either way the CSR must ask for
+        // exactly it, and the policy rules apply to it.
+        let impersonated = match impersonated_identity(request) {
+            None => None,
+            Some(requested) => Some(self.authorize_impersonation(&caller, requested)?),
+        };
+        let subject = impersonated.as_ref().unwrap_or(&caller.id);
 
         let csr = csr::validate(&request.csr, &self.key_policy)?;
-        self.policy.authorize(&caller.id, &csr.identity)?;
+        self.policy.authorize(subject, &csr.identity)?;
         let now = OffsetDateTime::now_utc();
         let (not_before, not_after) = self.policy.validity(request.validity_duration, now)?;
         let uri = csr.identity.to_string();
@@ -111,6 +122,37 @@ impl CertificateService {
                 not_after,
             },
         ))
+    }
+
+    /// Node authorization for an `ImpersonatedIdentity` request.
+    fn authorize_impersonation(
+        &self,
+        caller: &CallerIdentity,
+        requested: &str,
+    ) -> Result<crate::spiffe::SpiffeId, RequestError> {
+        let Some(authorizer) = &self.node_authorizer else {
+            let shown: String = requested.chars().take(120).collect();
+            return Err(RequestError::Impersonation(NodeAuthError::NotConfigured {
+                caller: caller.id.to_string(),
+                requested: shown,
+            }));
+        };
+        let cluster = caller.cluster.as_deref();
+        authorizer
+            .authorize(
+                caller,
+                cluster.map_or("", |c| c.id.as_str()),
+                cluster.and_then(|c| c.pods.as_deref()),
+                requested,
+                &self.policy.trust_domain,
+            )
+            .map_err(|e| {
+                if e.is_transient() {
+                    RequestError::ImpersonationUnavailable(e)
+                } else {
+                    RequestError::Impersonation(e)
+                }
+            })
     }
 
     /// Signs an authorized job and builds the response elements. RSA
@@ -150,6 +192,27 @@ pub struct SigningJob {
     not_after: OffsetDateTime,
 }
 
+/// The non-empty `ImpersonatedIdentity` string in the request metadata.
+fn impersonated_identity(request: &IstioCertificateRequest) -> Option<&str> {
+    request
+        .metadata
+        .as_ref()
+        .and_then(|m| m.fields.get(IMPERSONATED_IDENTITY))
+        .and_then(|v| match &v.kind {
+            Some(prost_types::value::Kind::StringValue(s)) if !s.is_empty() => Some(s.as_str()),
+            _ => None,
+        })
+}
+
+/// The `clusterid` header as istiod reads it: exactly one value, else "".
+fn cluster_id(metadata: &MetadataMap) -> &str {
+    let mut values = metadata.get_all(CLUSTER_ID).iter();
+    match (values.next(), values.next()) {
+        (Some(v), None) => v.to_str().unwrap_or(""),
+        _ => "",
+    }
+}
+
 /// The first `authorization` value with the `Bearer ` prefix, as istiod reads it.
 fn bearer_token(metadata: &MetadataMap) -> Option<&str> {
     metadata
@@ -171,7 +234,9 @@ impl IstioCertificateService for Arc<CertificateService> {
         let started = Instant::now();
         let peer = request.extensions().get::<PeerInfo>();
         let remote = peer.and_then(|p| p.remote);
-        let authorized = self.authorize(peer, request.metadata(), request.get_ref());
+        let authorized = self
+            .authorize(peer, request.metadata(), request.get_ref())
+            .await;
         // The request (token, CSR, headers) is not needed any more; a request
         // waiting for a signing slot holds only its small SigningJob.
         drop(request);
@@ -197,7 +262,7 @@ impl IstioCertificateService for Arc<CertificateService> {
             }
             Err(e) => {
                 let status = e.to_status();
-                if status.code() == tonic::Code::Unauthenticated {
+                if e.is_authentication_failure() {
                     self.metrics.authn_failures.inc();
                 }
                 if let Some(kind) = e.istio_error_type() {

@@ -157,6 +157,7 @@ impl Workload {
                 ttl_seconds: ttl,
                 token,
                 cluster_id: "Kubernetes",
+                impersonate: None,
             },
         )
         .await
@@ -192,6 +193,7 @@ pub async fn send(
             ttl_seconds: ttl,
             token,
             cluster_id: "Kubernetes",
+            impersonate: None,
         },
     )
     .await
@@ -203,6 +205,8 @@ pub async fn send(
 
 /// rustls verifiers that check a peer's chain against the mesh root and its
 /// SPIFFE ID, as an Istio sidecar does (no DNS names involved).
+pub mod kube;
+
 pub mod spiffe_tls {
     use super::*;
     use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};

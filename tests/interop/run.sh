@@ -352,6 +352,46 @@ body_multi_root() {
 }
 run_scenario multi-root setup_multi_root multi-root -- body_multi_root
 
+# --- inside Kubernetes: tokens from a real kube-apiserver, checked by TokenReview --
+# tests/kube/apiserver.sh starts kube-apiserver + etcd (built once, cached);
+# the namespace, service account, pod and pod-bound tokens come from its API.
+kube_dir=""
+setup_kube() {
+    new_scenario "$1" || return 1
+    kube_dir=$dir/kube
+    "$repo_root/tests/kube/apiserver.sh" start "$kube_dir" $$ >/dev/null || return 1
+    local kubectl
+    kubectl="$(sed -n 's/^KUBE_BIN_DIR=//p' "$kube_dir/env")/kubectl --kubeconfig $kube_dir/kubeconfig"
+    $kubectl create namespace default >/dev/null 2>&1
+    $kubectl -n default create serviceaccount sleep >/dev/null || return 1
+    printf 'apiVersion: v1\nkind: Pod\nmetadata: {name: sleep-1, namespace: default}\nspec: {serviceAccountName: sleep, nodeName: node-1, containers: [{name: app, image: example.invalid/app}]}\n' |
+        $kubectl create -f - >/dev/null || return 1
+    $kubectl -n default create token sleep --audience istio-ca --duration 1h \
+        --bound-object-kind Pod --bound-object-name sleep-1 >"$dir/token-sleep" || return 1
+    $kubectl -n default create token sleep --audience not-istio-ca --duration 1h \
+        --bound-object-kind Pod --bound-object-name sleep-1 >"$dir/token-wrong-aud" || return 1
+    {
+        echo "listen: \"127.0.0.1:$port\""
+        echo "state_dir: \"$state\""
+        echo "kubernetes:"
+        echo "  clusters:"
+        echo "    - { id: Kubernetes, kubeconfig: \"$kube_dir/kubeconfig\" }"
+    } >"$dir/config.yaml"
+    start_server
+}
+body_kube() {
+    agent kube-tokenreview --root "$state/root-cert.pem" --token "$dir/token-sleep" "${sa_args[@]}" \
+        --key ecdsa-p256 --expect-root "$state/root-cert.pem"
+    agent kube-tokenreview-wrong-audience --root "$state/root-cert.pem" --token "$dir/token-wrong-aud" \
+        "${sa_args[@]}" --expect-code Unauthenticated
+}
+teardown_kube() {
+    [ -n "$kube_dir" ] && "$repo_root/tests/kube/apiserver.sh" stop "$kube_dir"
+    kube_dir=""
+}
+run_scenario kube-tokenreview setup_kube kube-tokenreview -- body_kube
+teardown_kube
+
 # --- the real pilot-agent, proxyless (DISABLE_ENVOY=true) ----------------------
 body_pilot_agent() {
     local name=pilot-agent-proxyless cwd=$dir/agent-cwd status_port
