@@ -202,6 +202,11 @@ struct RequestArgs {
     /// ClusterID header, as istio-agent sends it.
     #[arg(long, default_value = "Kubernetes")]
     cluster_id: String,
+    /// Ask, as ztunnel does, for this pod identity with the caller's own
+    /// token (`ImpersonatedIdentity` metadata, an empty-subject CSR for the
+    /// identity). Needs a trusted node account on the server.
+    #[arg(long, value_name = "SPIFFE_ID")]
+    impersonate: Option<String>,
     /// Where to write key.pem, cert-chain.pem and root-cert.pem.
     #[arg(long, short, default_value = "workload-certs")]
     out: PathBuf,
@@ -477,8 +482,11 @@ fn token(args: TokenArgs) -> Result<(), String> {
 }
 
 async fn request(args: RequestArgs) -> Result<(), String> {
-    let identity = SpiffeId::new(&args.trust_domain, &args.namespace, &args.service_account)
-        .map_err(|e| e.to_string())?;
+    let identity = match &args.impersonate {
+        Some(id) => SpiffeId::parse(id).map_err(|e| format!("--impersonate {id:?}: {e}"))?,
+        None => SpiffeId::new(&args.trust_domain, &args.namespace, &args.service_account)
+            .map_err(|e| e.to_string())?,
+    };
     let roots = if args.plaintext {
         Vec::new()
     } else {
@@ -528,7 +536,12 @@ async fn request(args: RequestArgs) -> Result<(), String> {
         WorkloadKeyType::Rsa2048
     };
     let key = key_type.generate()?;
-    let csr_pem = client::make_csr(&key, &identity, CsrSubject::IstioAgent)?;
+    let subject = if args.impersonate.is_some() {
+        CsrSubject::Empty
+    } else {
+        CsrSubject::IstioAgent
+    };
+    let csr_pem = client::make_csr(&key, &identity, subject)?;
     let mut ca = client::connect(&CaEndpoint {
         addr: args.addr.clone(),
         server_name: args.server_name.clone(),
@@ -544,7 +557,7 @@ async fn request(args: RequestArgs) -> Result<(), String> {
             ttl_seconds,
             token: token.as_deref(),
             cluster_id: &args.cluster_id,
-            impersonate: None,
+            impersonate: args.impersonate.as_deref(),
         },
     )
     .await

@@ -370,12 +370,19 @@ setup_kube() {
         --bound-object-kind Pod --bound-object-name sleep-1 >"$dir/token-sleep" || return 1
     $kubectl -n default create token sleep --audience not-istio-ca --duration 1h \
         --bound-object-kind Pod --bound-object-name sleep-1 >"$dir/token-wrong-aud" || return 1
+    # ztunnel on node-1, for the ambient (impersonation) checks.
+    $kubectl -n default create serviceaccount ztunnel >/dev/null || return 1
+    printf 'apiVersion: v1\nkind: Pod\nmetadata: {name: ztunnel-1, namespace: default}\nspec: {serviceAccountName: ztunnel, nodeName: node-1, containers: [{name: app, image: example.invalid/app}]}\n' |
+        $kubectl create -f - >/dev/null || return 1
+    $kubectl -n default create token ztunnel --audience istio-ca --duration 1h \
+        --bound-object-kind Pod --bound-object-name ztunnel-1 >"$dir/token-ztunnel" || return 1
     {
         echo "listen: \"127.0.0.1:$port\""
         echo "state_dir: \"$state\""
         echo "kubernetes:"
         echo "  clusters:"
         echo "    - { id: Kubernetes, kubeconfig: \"$kube_dir/kubeconfig\" }"
+        echo "  trusted_node_accounts: [\"default/ztunnel\"]"
     } >"$dir/config.yaml"
     start_server
 }
@@ -384,17 +391,37 @@ body_kube() {
         --key ecdsa-p256 --expect-root "$state/root-cert.pem"
     agent kube-tokenreview-wrong-audience --root "$state/root-cert.pem" --token "$dir/token-wrong-aud" \
         "${sa_args[@]}" --expect-code Unauthenticated
+    # ztunnel's request shape from the mock workload: its own token,
+    # ImpersonatedIdentity, an empty-subject P-256 CSR.
+    if "$meshsign" request --addr "localhost:$port" --root "$state/root-cert.pem" \
+        --token "$dir/token-ztunnel" --ecdsa --impersonate spiffe://cluster.local/ns/default/sa/sleep \
+        --out "$dir/ambient" >"$dir/ambient.log" 2>&1; then
+        record PASS kube-ambient-impersonation
+    else
+        record FAIL kube-ambient-impersonation "$(tail -n 2 "$dir/ambient.log" | tr '\n' ' ')"
+    fi
+    if "$meshsign" request --addr "localhost:$port" --root "$state/root-cert.pem" \
+        --token "$dir/token-ztunnel" --ecdsa --impersonate spiffe://cluster.local/ns/default/sa/elsewhere \
+        --out "$dir/ambient-refused" >"$dir/ambient-refused.log" 2>&1; then
+        record FAIL kube-ambient-off-node "an identity with no pod on node-1 was issued"
+    elif grep -q "Unauthenticated" "$dir/ambient-refused.log"; then
+        record PASS kube-ambient-off-node
+    else
+        record FAIL kube-ambient-off-node "$(tail -n 2 "$dir/ambient-refused.log" | tr '\n' ' ')"
+    fi
+    # The real pilot-agent with the API server's pod-bound token.
+    if [ "$with_pilot_agent" != 0 ]; then
+        body_pilot_agent pilot-agent-kube-tokenreview
+    fi
 }
 teardown_kube() {
     [ -n "$kube_dir" ] && "$repo_root/tests/kube/apiserver.sh" stop "$kube_dir"
     kube_dir=""
 }
-run_scenario kube-tokenreview setup_kube kube-tokenreview -- body_kube
-teardown_kube
 
 # --- the real pilot-agent, proxyless (DISABLE_ENVOY=true) ----------------------
-body_pilot_agent() {
-    local name=pilot-agent-proxyless cwd=$dir/agent-cwd status_port
+body_pilot_agent() { # body_pilot_agent [CHECK-NAME]
+    local name=${1:-pilot-agent-proxyless} cwd=$dir/agent-cwd status_port
     status_port=$(free_port) || { record FAIL "$name" "no free port"; return; }
     # The agent reads its token from ./var/run/secrets/tokens/istio-token.
     mkdir -p "$cwd/var/run/secrets/tokens" "$dir/agent-out"
@@ -438,6 +465,10 @@ body_pilot_agent() {
 if [ "$with_pilot_agent" != 0 ]; then
     run_scenario pilot-agent-proxyless setup_dev pilot-agent-proxyless -- body_pilot_agent
 fi
+
+# Runs after the pilot-agent section: body_kube uses body_pilot_agent.
+run_scenario kube-tokenreview setup_kube kube-tokenreview -- body_kube
+teardown_kube
 
 # --- summary ----------------------------------------------------------------------
 echo
