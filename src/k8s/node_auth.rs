@@ -192,6 +192,7 @@ mod tests {
                 "node-b",
                 "Running",
             ),
+            pod("istio-system", "agent-x", "x1", "other-agent", "node-a", "Running"),
             pod("default", "sleep-1", "s1", "sleep", "node-a", "Running"),
             pod("default", "crashed", "c1", "crash", "node-a", "Failed"),
             pod("other", "web-1", "w1", "web", "node-b", "Running"),
@@ -289,7 +290,7 @@ mod tests {
         ));
         // "bad account": a trusted caller whose token names someone else's pod.
         assert!(matches!(
-            authorize(&trusted, &ztunnel("sleep-1", "s1"), Some(&pods), sleep),
+            authorize(&trusted, &ztunnel("agent-x", "x1"), Some(&pods), sleep),
             Err(NodeAuthError::ServiceAccountMismatch { .. })
         ));
         // No pod in the token, no cache, cache not synced.

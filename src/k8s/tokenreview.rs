@@ -536,7 +536,12 @@ mod tests {
                 if self.down.load(Ordering::SeqCst) {
                     return Err(ReviewError::Unavailable("connection refused".into()));
                 }
-                if token.contains("Zm9yZ2Vk") || token.len() < 40 {
+                let payload = token
+                    .split('.')
+                    .nth(1)
+                    .and_then(|p| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(p).ok())
+                    .unwrap_or_default();
+                if String::from_utf8_lossy(&payload).contains("forged") {
                     return Ok(ReviewOutcome::Refused("forged".into()));
                 }
                 Ok(ReviewOutcome::Authenticated(ReviewedAccount {
@@ -624,7 +629,7 @@ mod tests {
     async fn refusals_are_cached_and_outages_are_not() {
         let fake = Arc::new(FakeReviewer::default());
         let (c, _) = cache(fake.clone(), 60, 100);
-        let forged = token("Zm9yZ2Vk", NOW + 3600);
+        let forged = token("forged", NOW + 3600);
         for _ in 0..3 {
             assert!(matches!(
                 c.authenticate(&forged).await,
