@@ -539,7 +539,11 @@ mod tests {
                 let payload = token
                     .split('.')
                     .nth(1)
-                    .and_then(|p| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(p).ok())
+                    .and_then(|p| {
+                        base64::engine::general_purpose::URL_SAFE_NO_PAD
+                            .decode(p)
+                            .ok()
+                    })
                     .unwrap_or_default();
                 if String::from_utf8_lossy(&payload).contains("forged") {
                     return Ok(ReviewOutcome::Refused("forged".into()));
