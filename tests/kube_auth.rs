@@ -398,6 +398,13 @@ async fn clusterid_selects_the_cluster_as_istiod_does() {
     }
     let uid_l = kl.pod(&ns, "sleep-l", "sleep", "node-1").await;
     let uid_r = kr.pod(&ns, "sleep-r", "sleep", "node-1").await;
+    // A ztunnel in each cluster, on node-1 (each cluster has its own node-1).
+    kr.service_account(&ns, "ztunnel").await;
+    kl.service_account(&ns, "ztunnel").await;
+    let uid_zr = kr.pod(&ns, "ztunnel-r", "ztunnel", "node-1").await;
+    let token_zr = kr
+        .token(&ns, "ztunnel", "istio-ca", Some(("ztunnel-r", &uid_zr)))
+        .await;
     let token_l = kl
         .token(&ns, "sleep", "istio-ca", Some(("sleep-l", &uid_l)))
         .await;
@@ -405,7 +412,7 @@ async fn clusterid_selects_the_cluster_as_istiod_does() {
         .token(&ns, "sleep", "istio-ca", Some(("sleep-r", &uid_r)))
         .await;
     let ts = TestServer::dev(&format!(
-        "kubernetes:\n  clusters:\n{}{}",
+        "kubernetes:\n  clusters:\n{}{}  trusted_node_accounts: [\"{ns}/ztunnel\"]\n",
         cluster_entry("primary", &["Kubernetes"], local),
         cluster_entry("remote", &["remote-alias"], &remote),
     ))
@@ -428,6 +435,33 @@ async fn clusterid_selects_the_cluster_as_istiod_does() {
             .err();
         assert_eq!(got, expected, "clusterid {cluster_id:?}");
     }
+    // Impersonation from the remote cluster's ztunnel is checked against the
+    // remote cluster's pods (istiod's "from remote cluster" case); the same
+    // request claiming the local cluster is refused.
+    let sleep_id = wl.id.to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while let Err(code) = request(
+        &ts,
+        &wl,
+        CsrSubject::Empty,
+        &token_zr,
+        "remote",
+        Some(&sleep_id),
+    )
+    .await
+    {
+        assert!(
+            Instant::now() < deadline,
+            "remote impersonation refused: {code:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        request(&ts, &wl, CsrSubject::Empty, &token_zr, "", Some(&sleep_id))
+            .await
+            .err(),
+        Some(Code::Unauthenticated)
+    );
     let reviews = |c: &'static str| {
         let ts = &ts;
         async move {
@@ -441,7 +475,11 @@ async fn clusterid_selects_the_cluster_as_istiod_does() {
         }
     };
     assert_eq!(reviews("primary").await, 1.0);
-    assert_eq!(reviews("remote").await, 1.0);
+    assert_eq!(
+        reviews("remote").await,
+        2.0,
+        "the sidecar's and ztunnel's tokens"
+    );
 }
 
 #[tokio::test]
@@ -738,4 +776,56 @@ async fn impersonation_without_trusted_node_accounts_is_refused() {
         .err(),
         Some(Code::Unauthenticated)
     );
+}
+
+#[tokio::test]
+async fn the_server_publishes_its_roots_into_selected_namespaces() {
+    let Some(api) = KubeApiServer::shared() else {
+        return;
+    };
+    let k = Kube::new(api).await;
+    let label = unique("sel");
+    let (lease_ns, selected, other) = (unique("lease"), unique("sel-ns"), unique("other-ns"));
+    k.namespace(&lease_ns, &[]).await;
+    k.namespace(&selected, &[("meshsign-test", &label)]).await;
+    k.namespace(&other, &[]).await;
+    let ts = TestServer::dev(&format!(
+        "kubernetes:\n  clusters:\n{}  root_certificates: {{ namespace_selector: \"meshsign-test={label}\", lease_namespace: {lease_ns:?}, lease_duration: 2s, resync: 1s }}\n",
+        cluster_entry("Kubernetes", &[], api)
+    ))
+    .await;
+    let configmaps = |ns: &str| {
+        kube::Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(k.client.clone(), ns)
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let published = loop {
+        if let Some(cm) = configmaps(&selected)
+            .get_opt("istio-ca-root-cert")
+            .await
+            .unwrap()
+        {
+            break cm;
+        }
+        assert!(Instant::now() < deadline, "no root ConfigMap");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let data = published.data.unwrap_or_default();
+    assert_eq!(data.get("root-cert.pem"), Some(&ts.server.roots_pem));
+    assert!(configmaps(&other)
+        .get_opt("istio-ca-root-cert")
+        .await
+        .unwrap()
+        .is_none());
+    // The Lease names this server's replica.
+    let lease = kube::Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(
+        k.client.clone(),
+        &lease_ns,
+    )
+    .get("meshsign-root-publisher")
+    .await
+    .unwrap();
+    assert!(lease
+        .spec
+        .and_then(|s| s.holder_identity)
+        .is_some_and(|h| !h.is_empty()));
 }

@@ -325,40 +325,53 @@ impl CachedTokenReview {
         self: &Arc<Self>,
         token: &str,
     ) -> Result<ReviewedAccount, ReviewError> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(ReviewError::Malformed("token too long"));
+        }
         let now = self.clock.now_unix();
-        let exp = precheck(token, now)?;
         let hash = hash_token(token);
-        let mut rx = {
-            let mut entries = self
-                .entries
-                .lock()
-                .map_err(|_| ReviewError::Unavailable("token cache poisoned".into()))?;
-            match entries.get(&hash) {
-                Some(Slot::Done { outcome, expires }) if *expires > now => {
-                    self.counters.hit.inc();
-                    return into_result(outcome.clone());
-                }
-                Some(Slot::Pending(rx)) => {
-                    self.counters.joined.inc();
-                    rx.clone()
-                }
-                _ => {
-                    self.counters.miss.inc();
-                    if entries.len() >= self.settings.cache_size {
-                        evict(&mut entries, now, self.settings.cache_size);
+        // A cached or in-flight review answers without reading the token.
+        let probe = |entries: &HashMap<TokenHash, Slot>| match entries.get(&hash) {
+            Some(Slot::Done { outcome, expires }) if *expires > now => {
+                self.counters.hit.inc();
+                Some(Err(outcome.clone()))
+            }
+            Some(Slot::Pending(rx)) => {
+                self.counters.joined.inc();
+                Some(Ok(rx.clone()))
+            }
+            _ => None,
+        };
+        let poisoned = || ReviewError::Unavailable("token cache poisoned".into());
+        let found = probe(&*self.entries.lock().map_err(|_| poisoned())?);
+        let mut rx = match found {
+            Some(Err(outcome)) => return into_result(outcome),
+            Some(Ok(rx)) => rx,
+            None => {
+                // Only a token that could pass is worth a review (outside the lock).
+                let exp = precheck(token, now)?;
+                let mut entries = self.entries.lock().map_err(|_| poisoned())?;
+                match probe(&entries) {
+                    Some(Err(outcome)) => return into_result(outcome),
+                    Some(Ok(rx)) => rx,
+                    None => {
+                        self.counters.miss.inc();
+                        if entries.len() >= self.settings.cache_size {
+                            evict(&mut entries, now, self.settings.cache_size);
+                        }
+                        let (tx, rx) = watch::channel(None);
+                        entries.insert(hash, Slot::Pending(rx.clone()));
+                        // The review runs in its own task, so a caller that gives
+                        // up (deadline, reset) does not cancel it for the others.
+                        let this = Arc::clone(self);
+                        let token = token.to_owned();
+                        tokio::spawn(async move {
+                            let result = this.review_now(&token).await;
+                            this.finish(hash, exp, &result);
+                            let _ = tx.send(Some(result));
+                        });
+                        rx
                     }
-                    let (tx, rx) = watch::channel(None);
-                    entries.insert(hash, Slot::Pending(rx.clone()));
-                    // The review runs in its own task, so a caller that gives
-                    // up (deadline, reset) does not cancel it for the others.
-                    let this = Arc::clone(self);
-                    let token = token.to_owned();
-                    tokio::spawn(async move {
-                        let result = this.review_now(&token).await;
-                        this.finish(hash, exp, &result);
-                        let _ = tx.send(Some(result));
-                    });
-                    rx
                 }
             }
         };

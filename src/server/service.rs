@@ -21,6 +21,7 @@ use crate::pki;
 use crate::policy::Policy;
 use crate::proto::istio_certificate_service_server::IstioCertificateService;
 use crate::proto::{IstioCertificateRequest, IstioCertificateResponse};
+use crate::spiffe::SpiffeId;
 
 /// Struct key istiod reads for node impersonation (ztunnel).
 const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
@@ -81,7 +82,7 @@ impl CertificateService {
         peer: Option<&PeerInfo>,
         metadata: &MetadataMap,
         request: &IstioCertificateRequest,
-    ) -> Result<(CallerIdentity, SigningJob), RequestError> {
+    ) -> Result<(CallerIdentity, Option<SpiffeId>, SigningJob), RequestError> {
         // A request without connection info is treated as plaintext (fail closed).
         if !peer.is_some_and(|p| p.tls) && !self.allow_plaintext {
             return Err(RequestError::PlaintextRefused);
@@ -114,6 +115,7 @@ impl CertificateService {
         let common_name = (csr.wants_common_name && uri.len() <= MAX_CN_LEN).then(|| uri.clone());
         Ok((
             caller,
+            impersonated,
             SigningJob {
                 spki_der: csr.spki_der,
                 common_name,
@@ -129,7 +131,7 @@ impl CertificateService {
         &self,
         caller: &CallerIdentity,
         requested: &str,
-    ) -> Result<crate::spiffe::SpiffeId, RequestError> {
+    ) -> Result<SpiffeId, RequestError> {
         let Some(authorizer) = &self.node_authorizer else {
             let shown: String = requested.chars().take(120).collect();
             return Err(RequestError::Impersonation(NodeAuthError::NotConfigured {
@@ -241,14 +243,20 @@ impl IstioCertificateService for Arc<CertificateService> {
         // waiting for a signing slot holds only its small SigningJob.
         drop(request);
         let result = match authorized {
-            Ok((caller, job)) => self.sign(job).await.map(|chain| (caller, chain)),
+            Ok((caller, impersonated, job)) => self
+                .sign(job)
+                .await
+                .map(|chain| (caller, impersonated, chain)),
             Err(e) => Err(e),
         };
         match result {
-            Ok((caller, cert_chain)) => {
+            Ok((caller, impersonated, cert_chain)) => {
+                // For ztunnel: the identity issued, and who asked for it.
                 tracing::info!(
-                    identity = %caller.id,
+                    identity = %impersonated.as_ref().unwrap_or(&caller.id),
+                    impersonated_by = impersonated.is_some().then_some(&caller.id).map(tracing::field::display),
                     auth = %caller.source,
+                    pod = caller.pod.as_ref().map(|p| p.name.as_str()),
                     remote = ?remote,
                     elapsed_us = started.elapsed().as_micros() as u64,
                     "issued certificate"
