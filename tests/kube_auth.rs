@@ -529,34 +529,32 @@ async fn ztunnel_impersonates_only_pods_on_its_own_node() {
         .token(&zt, "ztunnel", "istio-ca", Some(("ztunnel-c", &uid_c)))
         .await;
 
-    // ztunnel's request shape: its own token, an empty-subject P-256 CSR for
-    // the pod's identity, and ImpersonatedIdentity. The pod watch may need a
-    // moment after start.
-    let sleep = pod_wl("sleep");
+    // Readiness waits for the pod watches' first list; once ready, every pod
+    // created before the start is known.
+    let ready = format!(
+        "http://{}/healthz/ready",
+        ts.server.monitoring_addr.expect("monitoring")
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
-    // The leaf is verified to carry exactly the impersonated identity.
-    loop {
-        match request(
-            &ts,
-            &sleep,
-            CsrSubject::Empty,
-            &token_a,
-            "Kubernetes",
-            Some(&id("sleep")),
-        )
-        .await
-        {
-            Ok(_) => break,
-            Err(code) if Instant::now() < deadline => {
-                assert!(
-                    matches!(code, Code::Unavailable | Code::Unauthenticated),
-                    "{code:?}"
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(code) => panic!("same-node impersonation refused: {code:?}"),
-        }
+    while reqwest::get(&ready).await.unwrap().status() != 200 {
+        assert!(Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+
+    // ztunnel's request shape: its own token, an empty-subject P-256 CSR for
+    // the pod's identity, and ImpersonatedIdentity. The leaf is verified to
+    // carry exactly the impersonated identity.
+    let sleep = pod_wl("sleep");
+    request(
+        &ts,
+        &sleep,
+        CsrSubject::Empty,
+        &token_a,
+        "Kubernetes",
+        Some(&id("sleep")),
+    )
+    .await
+    .expect("same-node impersonation");
     // Offline-verified token, same rules.
     request(
         &ts,

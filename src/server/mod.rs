@@ -130,6 +130,9 @@ pub async fn start(config: &Config) -> Result<RunningServer, StartError> {
         JwtAuthenticator::new(issuers.clone(), config.policy.trust_domain.clone()),
     );
     let mut node_authorizer = NodeAuthorizer::default();
+    // Readiness waits for every pod watch's first list, as istiod waits for
+    // its informers: a replica that cannot answer ztunnel yet takes no traffic.
+    let mut pod_caches = Vec::new();
     if let Some(k) = &config.kubernetes {
         let clusters = crate::k8s::build(
             k,
@@ -158,6 +161,11 @@ pub async fn start(config: &Config) -> Result<RunningServer, StartError> {
                 ));
             }
         }
+        pod_caches = clusters
+            .all()
+            .iter()
+            .filter_map(|c| c.pods.clone().map(|p| (c.id.clone(), p)))
+            .collect();
         node_authorizer = NodeAuthorizer::new(k.trusted_node_accounts.iter().cloned());
         authenticator = authenticator.with_clusters(Arc::new(clusters));
     }
@@ -223,7 +231,12 @@ pub async fn start(config: &Config) -> Result<RunningServer, StartError> {
         .max_decoding_message_size(config.limits.max_request_bytes);
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    tokio::spawn(watch_health(health_reporter, ca.clone(), metrics.clone()));
+    tokio::spawn(watch_health(
+        health_reporter,
+        ca.clone(),
+        metrics.clone(),
+        pod_caches,
+    ));
     {
         // Expiry gauges and the published roots follow CA reloads.
         let (ca, metrics, changed) = (ca.clone(), metrics.clone(), ca_changed.clone());
@@ -550,9 +563,15 @@ async fn watch_health(
     reporter: tonic_health::server::HealthReporter,
     ca: Arc<ArcSwap<Ca>>,
     metrics: Arc<crate::metrics::Metrics>,
+    pod_caches: Vec<(String, Arc<crate::k8s::pods::PodCache>)>,
 ) {
     let mut last = None;
     loop {
+        let unsynced: Vec<&str> = pod_caches
+            .iter()
+            .filter(|(_, cache)| !cache.is_synced())
+            .map(|(id, _)| id.as_str())
+            .collect();
         // A test signing is a real signature (RSA: ~1 ms): off the reactor.
         let current = ca.load_full();
         let result =
@@ -560,7 +579,11 @@ async fn watch_health(
                 .await
                 .unwrap_or_else(|e| Err(e.to_string()));
         let status = match result {
-            Ok(()) => ServingStatus::Serving,
+            Ok(()) if unsynced.is_empty() => ServingStatus::Serving,
+            Ok(()) => {
+                tracing::info!(clusters = ?unsynced, "waiting for the pod watch's first list before reporting SERVING");
+                ServingStatus::NotServing
+            }
             Err(e) => {
                 tracing::error!(error = %e, "CA self-test failed: reporting NOT_SERVING");
                 ServingStatus::NotServing
@@ -574,6 +597,8 @@ async fn watch_health(
                 .await;
             last = Some(status);
         }
-        tokio::time::sleep(Duration::from_secs(30)).await;
+        // Pod watches usually sync within a second: look again soon.
+        let pause = if unsynced.is_empty() { 30_000 } else { 500 };
+        tokio::time::sleep(Duration::from_millis(pause)).await;
     }
 }
