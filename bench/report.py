@@ -46,6 +46,7 @@ def machine():
         "date": sh("date -u +%Y-%m-%dT%H:%MZ"),
         "commit": sh("git rev-parse --short HEAD"),
         "istio": sh("sed -n 's/^[[:space:]]*istio.io\\/istio //p' bench/peers/istiod-ca/go.mod | head -1"),
+        "kubernetes": sh("sed -n 's/^K8S_VERSION=//p' tests/kube/apiserver.sh | head -1"),
     }
 
 
@@ -59,13 +60,15 @@ def main():
     a = ap.parse_args()
 
     rows = [json.loads(line) for line in open(a.results) if line.strip()]
-    loads, storms, floors = [], [], []
+    loads, storms, floors, kube = [], [], [], []
     for r in rows:
         kind = r.get("kind")
         if kind == "storm":
             storms.append(r)
         elif kind == "floor":
             floors.append(r)
+        elif "kube" in parse_label(r["label"]):
+            kube.append(r)
         else:
             loads.append(r)
 
@@ -193,6 +196,9 @@ def main():
                      f"{f['pipeline_us']:.1f} | {f['pipeline_certs_per_s_per_core']:.0f} | {fmt(best, '{:.0f}')} | {share} |")
         L.append("")
 
+    if kube:
+        L.extend(kube_section(kube, m))
+
     # Targets.
     def best(server, ca):
         vals = [v[server]["throughput_rps"] for k, v in steady.items() if k[0] == ca and server in v]
@@ -265,6 +271,68 @@ def main():
 
     open(a.markdown, "w").write("\n".join(L))
     print(f"wrote {a.markdown}")
+
+
+def kube_section(kube, m):
+    """The Kubernetes path: TokenReview and node authorization, both servers against one API server."""
+    by = {}
+    for r in kube:
+        lab = parse_label(r["label"])
+        by.setdefault(lab["kube"], []).append((lab, r))
+    side = [r for lab, r in by.get("sidecar", [])]
+    amb = [r for lab, r in by.get("ambient", [])]
+    n = (amb or side)[0]["pool_size"]
+    rounds = round(side[0]["requests"] / side[0]["pool_size"]) if side and side[0].get("requests") else None
+    L = ["## Kubernetes path", ""]
+    L.append(
+        f"Both servers authenticate every caller with a `TokenReview` against one real kube-apiserver "
+        f"{m.get('kubernetes') or ''} + etcd (`tests/kube/apiserver.sh`, pinned to CPU 0 with the load generator), "
+        f"created for the run: {n} service accounts in one namespace, one pod of each on `node-1` with a "
+        f"pod-bound token (TokenRequest, audience `istio-ca`), and ztunnel's service account "
+        f"(`istio-system/ztunnel`, a trusted node account) with a pod on the same node and its pod-bound token. "
+        f"**Sidecar renewal storm**: every workload asks {rounds or '?'} times with its own token "
+        f"({n * (rounds or 1)} requests in {rounds or '?'} rounds, `clusterid: Kubernetes`), 64 at a time "
+        f"(64 connections × 1 stream, closed loop). **Ambient storm**: ztunnel's one token with "
+        f"`ImpersonatedIdentity` cycling over the {n} identities of its node (ztunnel's empty-subject P-256 CSRs, "
+        f"made before the run), on one connection with 8 streams (ztunnel's SecretManager fetches 8 at a time); "
+        f"the node authorizer checks each from its pod cache. TokenReviews are the API server's own count "
+        f"(`apiserver_request_total{{resource=\"tokenreviews\",verb=\"POST\"}}` from its `/metrics`, "
+        f"read before and after each run), the same for both servers. meshsign: `kubernetes:` with the review "
+        f"cache at its defaults (one review per token, kept ≤ 60 s). istiod: `KubeJWTAuthenticator` and the "
+        f"node authorizer from `istio.io/istio` {m.get('istio') or ''}, wired by `bench/peers/istiod-ca` as "
+        f"`pilot/pkg/bootstrap` wires them; istiod's kube client is rate-limited client-side "
+        f"(`--kubernetesApiQPS 80`, `--kubernetesApiBurst 160` by default), so it also ran with the limit "
+        f"raised to 5000/10000. Throughput = certificates ÷ time until the last answer; latency per request.")
+    L.append("")
+    L.append("| scenario | server | certificates | distinct tokens | cert/s | p50 ms | p99 ms | errors "
+             "| TokenReviews | TokenReviews per certificate | server CPU s/1k | peak RSS MiB |")
+    L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    names = {"sidecar": f"sidecar renewal storm ({n} workloads × {rounds or '?'})",
+             "ambient": f"ambient: ztunnel for {n} pods"}
+    ratios = []
+    for scen in ("sidecar", "ambient"):
+        rows = by.get(scen, [])
+        ms = next((r for lab, r in rows if lab["server"] == "meshsign"), None)
+        for lab, r in rows:
+            if lab["server"] == "istiod":
+                q = lab.get("qps")
+                who = f"istiod (kube QPS {q}{', default' if q == '80' else ''})"
+            else:
+                who = lab["server"]
+            errs = sum(r["errors"].values()) if r.get("errors") else 0
+            tokens = r["pool_size"] if scen == "sidecar" else 1
+            L.append(f"| {names[scen]} | {who} | {r['ok']} | {tokens} | {r['throughput_rps']:.0f} | "
+                     f"{r['latency_ms']['p50']:.2f} | {r['latency_ms']['p99']:.2f} | {errs} | "
+                     f"{fmt(r.get('token_reviews'), '{:d}')} | {fmt(r.get('token_reviews_per_cert'), '{:.4f}')} | "
+                     f"{fmt(r.get('server_cpu_s_per_1000'), '{:.3f}')} | {fmt(r.get('server_peak_rss_mib'))} |")
+            if ms and lab["server"] == "istiod" and r["throughput_rps"]:
+                ratios.append(f"{scen}, istiod at kube QPS {lab.get('qps')}: "
+                              f"{ms['throughput_rps'] / r['throughput_rps']:.1f}×")
+    L.append("")
+    if ratios:
+        L.append("meshsign's throughput ÷ istiod's: " + "; ".join(ratios) + ".")
+        L.append("")
+    return L
 
 
 def draw_chart(path, steady):

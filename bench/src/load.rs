@@ -13,6 +13,12 @@
 //! CPU busy, which is why bench/run pins it apart from the server. (A pacer
 //! thread was tried: the kernel's scheduler let it run late behind the
 //! runtime's thread on the same CPU.)
+//!
+//! With `--requests N` the run is a fixed amount of work instead (closed
+//! loop, no warm-up): request k uses pool entry k mod size, so with N = R ×
+//! size every entry is sent R times, in R rounds; throughput is answers over
+//! the time until the last one. `--count-token-reviews KUBECONFIG` reads the
+//! API server's own TokenReview counter before and after.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -36,6 +42,14 @@ use crate::{pool, procstat, Target};
 pub struct RunArgs {
     #[command(flatten)]
     pub target: Target,
+    /// Fixed work: send exactly this many requests (closed loop, no warm-up;
+    /// --duration and --warmup are ignored).
+    #[arg(long, conflicts_with = "rate")]
+    pub requests: Option<u64>,
+    /// Count the TokenReviews the run causes, from the `/metrics` of the API
+    /// server this kubeconfig names (before and after the run).
+    #[arg(long)]
+    pub count_token_reviews: Option<std::path::PathBuf>,
     /// TLS connections.
     #[arg(long, default_value_t = 1)]
     pub connections: usize,
@@ -64,6 +78,9 @@ pub struct Prepared {
     pub identity: SpiffeId,
     pub csr: String,
     pub auth: MetadataValue<tonic::metadata::Ascii>,
+    pub cluster_id: Option<MetadataValue<tonic::metadata::Ascii>>,
+    /// Request metadata (`ImpersonatedIdentity`).
+    pub metadata: Option<prost_types::Struct>,
 }
 
 pub fn prepare(entries: Vec<pool::Entry>) -> Result<Vec<Prepared>, String> {
@@ -75,6 +92,20 @@ pub fn prepare(entries: Vec<pool::Entry>) -> Result<Vec<Prepared>, String> {
                 auth: format!("Bearer {}", e.token)
                     .parse()
                     .map_err(|_| "token is not a header value".to_owned())?,
+                cluster_id: e
+                    .cluster_id
+                    .map(|c| c.parse())
+                    .transpose()
+                    .map_err(|_| "cluster ID is not a header value".to_owned())?,
+                metadata: e.impersonate.map(|id| prost_types::Struct {
+                    fields: [(
+                        "ImpersonatedIdentity".to_owned(),
+                        prost_types::Value {
+                            kind: Some(prost_types::value::Kind::StringValue(id)),
+                        },
+                    )]
+                    .into(),
+                }),
                 csr: e.csr,
             })
         })
@@ -100,9 +131,12 @@ pub async fn call(
     let mut req = tonic::Request::new(IstioCertificateRequest {
         csr: p.csr.clone(),
         validity_duration: ttl,
-        metadata: None,
+        metadata: p.metadata.clone(),
     });
     req.metadata_mut().insert("authorization", p.auth.clone());
+    if let Some(c) = &p.cluster_id {
+        req.metadata_mut().insert("clusterid", c.clone());
+    }
     match client.create_certificate(req).await {
         Ok(r) => Ok(r.into_inner().cert_chain),
         Err(s) => Err(format!("{:?}", s.code())),
@@ -125,10 +159,22 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
     for _ in 0..args.connections {
         clients.push(client::connect(&ep).await?);
     }
+    let reviews = match &args.count_token_reviews {
+        Some(kubeconfig) => {
+            let m = crate::kubemetrics::ApiServerMetrics::connect(kubeconfig).await?;
+            let before = m.token_reviews().await?;
+            Some((m, before))
+        }
+        None => None,
+    };
     let next = Arc::new(AtomicUsize::new(0));
+    let limit = args.requests.map_or(usize::MAX, |n| n as usize);
     let start = Instant::now();
-    let measure_from = start + args.warmup;
-    let deadline = measure_from + args.duration;
+    let (measure_from, deadline) = match args.requests {
+        // Fixed work: everything counts, however long it takes.
+        Some(_) => (start, start + Duration::from_secs(365 * 86_400)),
+        None => (start + args.warmup, start + args.warmup + args.duration),
+    };
 
     // Server accounting starts with the measured window.
     let pid = args.target.server_pid;
@@ -192,6 +238,9 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
                         }
                     };
                     let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= limit {
+                        break;
+                    }
                     let p = &pool[i % pool.len()];
                     let result = call(&mut client, p, ttl).await;
                     let done = Instant::now();
@@ -204,7 +253,7 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
                             if let Some(h) = out.hist.as_mut() {
                                 let _ = h.record((done - intended).as_micros().max(1) as u64);
                             }
-                            if verify_every > 0 && out.ok % verify_every == 1 {
+                            if verify_every > 0 && (out.ok - 1) % verify_every == 0 {
                                 match client::verify_issued(
                                     &chain,
                                     &p.identity,
@@ -246,7 +295,14 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
     }
     let cpu_end = pid.and_then(procstat::cpu);
     let peak_rss = pid.and_then(procstat::peak_rss_mib);
-    let secs = args.duration.as_secs_f64();
+    let secs = match args.requests {
+        Some(_) => start.elapsed().as_secs_f64(),
+        None => args.duration.as_secs_f64(),
+    };
+    let token_reviews = match reviews {
+        Some((m, before)) => Some(m.token_reviews().await?.since(&before)),
+        None => None,
+    };
     let throughput = total.ok as f64 / secs;
     let cpu_per_1000 = match (cpu_start, cpu_end) {
         (Some(a), Some(b)) if total.ok > 0 => {
@@ -279,6 +335,14 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
         "server_peak_rss_mib": peak_rss,
         "verified": total.verified,
         "verify_failures": total.verify_failures.len(),
+        "requests": args.requests,
+        "pool_size": pool.len(),
+        "token_reviews": token_reviews.as_ref().map(|r| r.total),
+        "token_reviews_failed": token_reviews.as_ref().map(|r| r.failed),
+        "token_reviews_per_cert": token_reviews
+            .as_ref()
+            .filter(|_| total.ok > 0)
+            .map(|r| r.total as f64 / total.ok as f64),
     });
     println!(
         "{:<40} conc {:>5} ({}x{}) {:>9.1} cert/s  p50 {:>7.2} ms  p90 {:>7.2}  p99 {:>7.2}  p99.9 {:>7.2}  errors {:?}  cpu/1000 {}  peak RSS {}  verified {}",
@@ -296,6 +360,12 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
         peak_rss.map_or("-".into(), |r| format!("{r:.1} MiB")),
         total.verified,
     );
+    if let Some(r) = &token_reviews {
+        println!(
+            "{:<40} TokenReviews on the API server: {} ({} not 201) for {} certificates",
+            args.target.label, r.total, r.failed, total.ok
+        );
+    }
     if let Some(first) = total.verify_failures.first() {
         return Err(format!(
             "{} answers failed verification, e.g.: {first}",

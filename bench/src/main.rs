@@ -8,9 +8,14 @@
 //!   certificates and server peak RSS;
 //! - `storm` a renewal storm: N workloads, each with its own connection, all
 //!   asking within a window, retrying like istio-agent;
-//! - `floor` the unavoidable cryptography per certificate on one core.
+//! - `floor` the unavoidable cryptography per certificate on one core;
+//! - `kube-setup` creates one node's worth of pods, service accounts and
+//!   pod-bound tokens on a Kubernetes API server for the Kubernetes path
+//!   (`pool --tokens`, `run --requests --count-token-reviews`).
 
 mod floor;
+mod kube_setup;
+mod kubemetrics;
 mod load;
 mod pool;
 mod procstat;
@@ -39,6 +44,9 @@ enum Command {
     Storm(storm::StormArgs),
     /// The crypto floor: certificates per second per core.
     Floor(floor::FloorArgs),
+    /// Create workloads (service accounts, pods, pod-bound tokens) and a node
+    /// agent on a Kubernetes API server.
+    KubeSetup(kube_setup::KubeSetupArgs),
 }
 
 /// How to reach the CA under test.
@@ -80,6 +88,7 @@ fn main() -> ExitCode {
         Command::Floor(args) => floor::run(args),
         Command::Run(args) => runtime().and_then(|rt| rt.block_on(load::run(args))),
         Command::Storm(args) => runtime().and_then(|rt| rt.block_on(storm::run(args))),
+        Command::KubeSetup(args) => runtime().and_then(|rt| rt.block_on(kube_setup::run(args))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -4,13 +4,18 @@
 // The gRPC service, the CA, the authenticators, the server options and the
 // TLS set-up are Istio's own code (istio.io/istio, used as a Go module); this
 // file only wires them together the way pilot/pkg/bootstrap does for istiod's
-// secure gRPC port 15012, minus Kubernetes. See README.md for the split
-// between Istio's code and glue.
+// secure gRPC port 15012. Without --kubeconfig there is no Kubernetes (JWTs
+// are checked offline against --jwks); with it, bearer tokens go to the API
+// server's TokenReview (istiod's KubeJWTAuthenticator) and
+// CA_TRUSTED_NODE_ACCOUNTS enables istiod's node authorizer (kube.go). See
+// README.md for the split between Istio's code and glue.
 //
 // Usage:
 //
 //	istiod-ca --listen 127.0.0.1:15012 --ca-dir DIR --jwks jwks.json \
 //	    [--issuer meshsign-dev] [--audience istio-ca] [--trust-domain cluster.local]
+//	CA_TRUSTED_NODE_ACCOUNTS=istio-system/ztunnel \
+//	    istiod-ca --listen 127.0.0.1:15012 --ca-dir DIR --kubeconfig FILE [--cluster-id Kubernetes]
 package main
 
 import (
@@ -75,13 +80,20 @@ type options struct {
 	maxConnAge     time.Duration
 	monitoringAddr string
 	logLevel       string
+
+	kubeconfig      string
+	clusterID       string
+	systemNamespace string
+	kubeQPS         float32
+	kubeBurst       int
 }
 
 func parseFlags() *options {
 	o := &options{}
 	flag.StringVar(&o.listen, "listen", "127.0.0.1:15012", "gRPC listen address (host:port; port 0 picks one)")
 	flag.StringVar(&o.caDir, "ca-dir", "", "plug-in CA directory: ca-cert.pem, ca-key.pem, cert-chain.pem, root-cert.pem (or tls.crt, tls.key, ca.crt) (required)")
-	flag.StringVar(&o.jwksFile, "jwks", "", "JWKS file of the token issuer, served on a loopback HTTP port for Istio's JWT authenticator (required)")
+	flag.StringVar(&o.jwksFile, "jwks", "", "JWKS file of the token issuer, served on a loopback HTTP port for Istio's JWT authenticator "+
+		"(required without --kubeconfig; with it, optional: istiod's JWT_RULE)")
 	flag.StringVar(&o.issuer, "issuer", "meshsign-dev", "JWT issuer (JWT_RULE issuer)")
 	flag.StringVar(&o.audience, "audience", "istio-ca", "accepted JWT audience (JWT_RULE audiences)")
 	flag.StringVar(&o.trustDomain, "trust-domain", "cluster.local", "mesh trust domain (meshConfig.trustDomain)")
@@ -95,7 +107,15 @@ func parseFlags() *options {
 		"istiod's --keepaliveMaxServerConnectionAge (binary default: infinite; the Helm chart passes 30m)")
 	flag.StringVar(&o.monitoringAddr, "monitoring-addr", "", "if set, serve Prometheus /metrics here, like istiod's :15014 (metrics are recorded either way)")
 	flag.StringVar(&o.logLevel, "log-level", "info", "Istio log level for all scopes: debug, info, warn, error, none")
+	flag.StringVar(&o.kubeconfig, "kubeconfig", "", "if set, istiod's Kubernetes authenticator (TokenReview) and, with CA_TRUSTED_NODE_ACCOUNTS, "+
+		"its node authorizer, against this API server")
+	flag.StringVar(&o.clusterID, "cluster-id", "Kubernetes", "istiod's --clusterID (CLUSTER_ID): the clusterid header that selects this API server")
+	flag.StringVar(&o.systemNamespace, "system-namespace", "istio-system", "istiod's namespace (POD_NAMESPACE): where the multicluster controller watches remote secrets")
+	var qps float64
+	flag.Float64Var(&qps, "kubernetes-api-qps", 80, "istiod's --kubernetesApiQPS: client-side rate limit of its kube client (TokenReviews included)")
+	flag.IntVar(&o.kubeBurst, "kubernetes-api-burst", 160, "istiod's --kubernetesApiBurst")
 	flag.Parse()
+	o.kubeQPS = float32(qps)
 	return o
 }
 
@@ -108,8 +128,8 @@ func main() {
 }
 
 func run(o *options) error {
-	if o.caDir == "" || o.jwksFile == "" {
-		return errors.New("--ca-dir and --jwks are required (see --help)")
+	if o.caDir == "" || (o.jwksFile == "" && o.kubeconfig == "") {
+		return errors.New("--ca-dir and --jwks (or --kubeconfig) are required (see --help)")
 	}
 	if flag.NArg() != 0 {
 		return fmt.Errorf("unexpected arguments: %q", flag.Args())
@@ -117,9 +137,9 @@ func run(o *options) error {
 	if err := configureLogging(o.logLevel); err != nil {
 		return err
 	}
-	if len(features.CATrustedNodeAccounts) > 0 {
+	if len(features.CATrustedNodeAccounts) > 0 && o.kubeconfig == "" {
 		// caserver.New would build a node authorizer from Kubernetes informers.
-		return errors.New("CA_TRUSTED_NODE_ACCOUNTS is set, but impersonation needs Kubernetes; unset it")
+		return errors.New("CA_TRUSTED_NODE_ACCOUNTS is set, but impersonation needs Kubernetes: set --kubeconfig or unset it")
 	}
 
 	// istiod registers its Prometheus exporter first thing in NewServer, so the
@@ -176,38 +196,64 @@ func run(o *options) error {
 	meshCfg.TrustDomain = o.trustDomain
 	meshWatcher := meshwatcher.ConfigAdapter(krt.NewStatic(&meshwatcher.MeshConfigResource{MeshConfig: meshCfg}, true))
 
-	// The token issuer's public endpoints on loopback, then Istio's OIDC
-	// authenticator from a JWT_RULE, exactly as initOIDC parses it.
-	iss, err := startIssuerServer(o.issuer, o.jwksFile)
-	if err != nil {
-		return err
-	}
-	defer iss.srv.Close()
-	rule := map[string]any{"issuer": o.issuer, "audiences": []string{o.audience}}
-	switch o.jwtRuleMode {
-	case "discovery":
-		if err := iss.routeDiscoveryToLoopback(); err != nil {
-			return err
-		}
-	case "jwks_uri":
-		rule["jwks_uri"] = iss.jwksURI()
-	default:
-		return fmt.Errorf("--jwt-rule must be discovery or jwks_uri, not %q", o.jwtRuleMode)
-	}
-	jwtRuleJSON, _ := json.Marshal(rule)
-	jwtAuthn, err := initOIDC(string(jwtRuleJSON), meshWatcher)
-	if err != nil {
-		return err
-	}
-
-	// "Notice that the order of authenticators matters" (NewServer).
+	// "Notice that the order of authenticators matters" (NewServer):
+	// client certificate, JWT_RULE (if any), Kubernetes (if any).
 	authenticators := []security.Authenticator{
 		&authenticate.ClientCertAuthenticator{},
-		jwtAuthn,
 	}
-	caServer, err := caserver.New(istioCA, o.maxTTL, authenticators, nil)
+	if o.jwksFile != "" {
+		// The token issuer's public endpoints on loopback, then Istio's OIDC
+		// authenticator from a JWT_RULE, exactly as initOIDC parses it.
+		iss, err := startIssuerServer(o.issuer, o.jwksFile)
+		if err != nil {
+			return err
+		}
+		defer iss.srv.Close()
+		rule := map[string]any{"issuer": o.issuer, "audiences": []string{o.audience}}
+		switch o.jwtRuleMode {
+		case "discovery":
+			if err := iss.routeDiscoveryToLoopback(); err != nil {
+				return err
+			}
+		case "jwks_uri":
+			rule["jwks_uri"] = iss.jwksURI()
+		default:
+			return fmt.Errorf("--jwt-rule must be discovery or jwks_uri, not %q", o.jwtRuleMode)
+		}
+		jwtRuleJSON, _ := json.Marshal(rule)
+		jwtAuthn, err := initOIDC(string(jwtRuleJSON), meshWatcher)
+		if err != nil {
+			return err
+		}
+		authenticators = append(authenticators, jwtAuthn)
+	}
+	var kube *kubeSetup
+	if o.kubeconfig != "" {
+		kube, err = newKube(o, meshWatcher)
+		if err != nil {
+			return err
+		}
+		authenticators = append(authenticators, kube.authn)
+	}
+
+	// istiod passes its multicluster controller; caserver.New builds the
+	// node authorizer from it when CA_TRUSTED_NODE_ACCOUNTS is set.
+	var caServer *caserver.Server
+	if kube != nil {
+		caServer, err = caserver.New(istioCA, o.maxTTL, authenticators, kube.multicluster)
+	} else {
+		caServer, err = caserver.New(istioCA, o.maxTTL, authenticators, nil)
+	}
 	if err != nil {
 		return fmt.Errorf("failed to create istio ca server: %v", err)
+	}
+	if kube != nil {
+		if len(features.CATrustedNodeAccounts) > 0 {
+			log.Infof("node authorizer: trusted node accounts %v", features.CATrustedNodeAccounts.UnsortedList())
+		}
+		if err := kube.start(stop); err != nil {
+			return err
+		}
 	}
 
 	// The secure gRPC server (initSecureDiscoveryService).
