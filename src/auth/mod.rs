@@ -21,6 +21,7 @@ use std::sync::Arc;
 use rustls_pki_types::CertificateDer;
 use x509_parser::extensions::GeneralName;
 
+use crate::clock::{Clock, SystemClock};
 use crate::k8s::tokenreview::ReviewError;
 use crate::k8s::{Cluster, Clusters, TokenCheck};
 use crate::spiffe::SpiffeId;
@@ -71,6 +72,9 @@ pub struct Credentials<'a> {
     pub bearer_token: Option<&'a str>,
     /// The client's leaf certificate, if it presented one (already chain-verified).
     pub client_certificate: Option<&'a CertificateDer<'static>>,
+    /// `(not_before, not_after)` of the client's whole chain, Unix seconds:
+    /// checked on every request (`None` with a certificate: refused).
+    pub client_certificate_validity: Option<(i64, i64)>,
     /// The `clusterid` header ("" when absent or sent more than once).
     pub cluster_id: &'a str,
 }
@@ -121,6 +125,7 @@ pub struct Authenticator {
     client_certificates: bool,
     trust_domains: Vec<String>,
     tokens: TokenAuth,
+    clock: Arc<dyn Clock>,
 }
 
 impl Authenticator {
@@ -134,7 +139,14 @@ impl Authenticator {
             client_certificates,
             trust_domains,
             tokens: TokenAuth::Issuers(jwt),
+            clock: Arc::new(SystemClock),
         }
+    }
+
+    /// Reads "now" from `clock` (tests).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// Bearer tokens are checked by the cluster each request names instead.
@@ -155,7 +167,18 @@ impl Authenticator {
     pub async fn authenticate(&self, creds: Credentials<'_>) -> Result<CallerIdentity, AuthError> {
         let mut err = AuthError::default();
         if let Some(cert) = creds.client_certificate {
-            if self.client_certificates {
+            // The handshake checked the chain then; the connection (or a
+            // resumed session) may have outlived it since.
+            let now = i64::try_from(self.clock.now_unix()).unwrap_or(i64::MAX);
+            let current = creds
+                .client_certificate_validity
+                .is_some_and(|(not_before, not_after)| not_before <= now && now <= not_after);
+            if !current {
+                err.reasons.push(
+                    "client certificate: expired or not yet valid (checked on every request)"
+                        .into(),
+                );
+            } else if self.client_certificates {
                 match identity_from_certificate(cert, &self.trust_domains) {
                     Ok(id) => {
                         return Ok(CallerIdentity {
