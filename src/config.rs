@@ -228,6 +228,8 @@ struct FileLimits {
     max_concurrent_streams: u32,
     handshake_timeout: String,
     request_timeout: String,
+    max_connection_age: String,
+    max_connection_age_grace: String,
 }
 
 impl Default for FileLimits {
@@ -237,6 +239,8 @@ impl Default for FileLimits {
             max_concurrent_streams: 1024,
             handshake_timeout: "10s".into(),
             request_timeout: "30s".into(),
+            max_connection_age: "30m".into(),
+            max_connection_age_grace: "10s".into(),
         }
     }
 }
@@ -455,6 +459,11 @@ pub struct Limits {
     pub max_concurrent_streams: u32,
     pub handshake_timeout: Duration,
     pub request_timeout: Duration,
+    /// After this a connection gets a graceful GOAWAY (its calls finish,
+    /// the client reconnects with a fresh handshake); zero = never.
+    pub max_connection_age: Duration,
+    /// How long calls may still run after that GOAWAY before the connection is closed.
+    pub max_connection_age_grace: Duration,
 }
 
 /// Everything meshsign needs to run, validated.
@@ -796,7 +805,26 @@ impl FileConfig {
             max_concurrent_streams: l.max_concurrent_streams,
             handshake_timeout: duration("limits.handshake_timeout", &l.handshake_timeout)?,
             request_timeout: duration("limits.request_timeout", &l.request_timeout)?,
+            max_connection_age: duration("limits.max_connection_age", &l.max_connection_age)?,
+            max_connection_age_grace: duration(
+                "limits.max_connection_age_grace",
+                &l.max_connection_age_grace,
+            )?,
         };
+        if !limits.max_connection_age.is_zero()
+            && limits.max_connection_age < Duration::from_secs(1)
+        {
+            return Err(invalid(
+                "limits.max_connection_age",
+                "must be 0s (never) or at least 1s",
+            ));
+        }
+        if limits.max_connection_age_grace > Duration::from_secs(3600) {
+            return Err(invalid(
+                "limits.max_connection_age_grace",
+                "must be at most 1h",
+            ));
+        }
 
         let monitoring_listen = match &self.monitoring.listen {
             None => None,
@@ -1065,6 +1093,8 @@ mod tests {
         assert_eq!(c.trust_domain(), "cluster.local");
         assert_eq!(c.policy.max_ttl, Duration::from_secs(2160 * 3600));
         assert!(matches!(c.server_tls, ServerTls::Issued { .. }));
+        assert_eq!(c.limits.max_connection_age, Duration::from_secs(1800));
+        assert_eq!(c.limits.max_connection_age_grace, Duration::from_secs(10));
     }
 
     #[test]
@@ -1110,6 +1140,14 @@ policy: { default_ttl: "24h", max_ttl: "2160h" }
             (
                 "server_tls: { dns_names: [\"a b\"] }",
                 "server_tls.dns_names[0]",
+            ),
+            (
+                "limits: { max_connection_age: 500ms }",
+                "limits.max_connection_age",
+            ),
+            (
+                "limits: { max_connection_age_grace: 2h }",
+                "limits.max_connection_age_grace",
             ),
         ];
         for (yaml, key) in cases {

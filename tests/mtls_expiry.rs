@@ -105,3 +105,22 @@ async fn an_expired_client_certificate_stops_authenticating_on_open_and_resumed_
         .await
         .expect("token after the certificate expired");
 }
+
+#[tokio::test]
+async fn connections_are_retired_at_max_connection_age() {
+    let ts =
+        TestServer::dev("limits: { max_connection_age: 1s, max_connection_age_grace: 1s }\n").await;
+    let wl = Workload::new("default", "aged", WorkloadKeyType::EcdsaP256);
+    let token = ts.token("default", "aged");
+    let ep = ts.endpoint();
+    let tls = Arc::new(client::client_tls_config(&ep).unwrap());
+    let kinds = Arc::new(Mutex::new(Vec::new()));
+    let ch = channel(&ep.addr, tls, kinds.clone()).await;
+    renew(&ch, &wl, Some(&token)).await.unwrap();
+    assert_eq!(kinds.lock().unwrap().len(), 1);
+    // Past age + grace the server has sent GOAWAY and closed the connection:
+    // the client's next call goes over a new handshake.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    renew(&ch, &wl, Some(&token)).await.unwrap();
+    assert_eq!(kinds.lock().unwrap().len(), 2, "a new connection was made");
+}

@@ -285,7 +285,15 @@ pub async fn start(config: &Config) -> Result<RunningServer, StartError> {
         .map_err(|e| StartError::ServingCertificate(format!("reflection: {e}")))?;
 
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
-    let router = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if !config.limits.max_connection_age.is_zero() {
+        // Bounds how long one handshake's identity, roots and settings live
+        // on; gRPC clients reconnect transparently after the GOAWAY.
+        builder = builder
+            .max_connection_age(config.limits.max_connection_age)
+            .max_connection_age_grace(config.limits.max_connection_age_grace);
+    }
+    let router = builder
         .max_concurrent_streams(config.limits.max_concurrent_streams)
         .timeout(config.limits.request_timeout)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
