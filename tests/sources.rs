@@ -46,18 +46,13 @@ fn bundle_and_serving_cert(dir: &std::path::Path) -> (String, String) {
     (pki::cert_pem(&leaf) + &inter.cert_pem, key.serialize_pem())
 }
 
-#[tokio::test]
-async fn serving_certificate_from_files_and_jwks_over_https() {
-    let dir = tempfile::tempdir().unwrap();
-    let bundle = dir.path().join("bundle");
-    std::fs::create_dir_all(&bundle).unwrap();
-    let (chain_pem, key_pem) = bundle_and_serving_cert(&bundle);
-    std::fs::write(dir.path().join("tls.crt"), &chain_pem).unwrap();
-    std::fs::write(dir.path().join("tls.key"), &key_pem).unwrap();
-    std::fs::write(dir.path().join("sa-token"), "kube-api-token\n").unwrap();
-    let issuer = DevTokenIssuer::load_or_create(&dir.path().join("issuer")).unwrap();
-
-    // A one-endpoint HTTPS server for the JWKS, recording the requests it gets.
+/// An HTTPS server on loopback that answers every request with `response()`
+/// and reports each request's head.
+async fn https_responder(
+    chain_pem: &str,
+    key_pem: &str,
+    response: impl Fn() -> Vec<u8> + Send + Sync + 'static,
+) -> (u16, tokio::sync::mpsc::UnboundedReceiver<String>) {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let chain = pki::parse_certificates_nonempty(chain_pem.as_bytes()).unwrap();
     let key = {
@@ -70,14 +65,12 @@ async fn serving_certificate_from_files_and_jwks_over_https() {
         .unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let jwks_port = listener.local_addr().unwrap().port();
-    let jwks = issuer.jwks().to_owned();
-    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let port = listener.local_addr().unwrap().port();
+    let (seen_tx, seen_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let response = Arc::new(response);
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
-            let acceptor = acceptor.clone();
-            let jwks = jwks.clone();
-            let seen = seen_tx.clone();
+            let (acceptor, seen, response) = (acceptor.clone(), seen_tx.clone(), response.clone());
             tokio::spawn(async move {
                 let Ok(mut s) = acceptor.accept(tcp).await else {
                     return;
@@ -85,15 +78,119 @@ async fn serving_certificate_from_files_and_jwks_over_https() {
                 let mut buf = vec![0u8; 4096];
                 let n = s.read(&mut buf).await.unwrap_or(0);
                 let _ = seen.send(String::from_utf8_lossy(&buf[..n]).into_owned());
-                let resp = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{jwks}",
-                    jwks.len()
-                );
-                let _ = s.write_all(resp.as_bytes()).await;
+                let _ = s.write_all(&response()).await;
                 let _ = s.shutdown().await;
             });
         }
     });
+    (port, seen_rx)
+}
+
+#[tokio::test]
+async fn jwks_client_follows_no_redirect_and_caps_the_body() {
+    use meshsign::auth::jwt::{jwks_http_client, JwksSource, MAX_JWKS_BYTES};
+    use meshsign::auth::JwtIssuer;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (chain_pem, key_pem) = bundle_and_serving_cert(dir.path());
+    let root = dir.path().join("root-cert.pem");
+    // Where a redirect would lead: a plain-HTTP listener that must see nothing.
+    let trap = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let trap_port = trap.local_addr().unwrap().port();
+    let (trapped_tx, mut trapped) = tokio::sync::mpsc::unbounded_channel::<()>();
+    tokio::spawn(async move {
+        while trap.accept().await.is_ok() {
+            let _ = trapped_tx.send(());
+        }
+    });
+    let (redirect_port, mut redirect_seen) = https_responder(&chain_pem, &key_pem, move || {
+        format!("HTTP/1.1 302 Found\r\nlocation: http://127.0.0.1:{trap_port}/jwks\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").into_bytes()
+    })
+    .await;
+    // A valid JWKS padded with whitespace past the cap (it would load without
+    // the cap), once with its length announced and once streamed without one.
+    let jwks = DevTokenIssuer::load_or_create(&dir.path().join("issuer"))
+        .unwrap()
+        .jwks()
+        .to_owned();
+    let mut padded = jwks.clone().into_bytes();
+    padded.resize(MAX_JWKS_BYTES + 1, b' ');
+    let padded = Arc::new(padded);
+    let body = padded.clone();
+    let (announced_port, _) = https_responder(&chain_pem, &key_pem, move || {
+        let head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        );
+        [head.as_bytes(), &body[..]].concat()
+    })
+    .await;
+    let body = padded.clone();
+    let (streamed_port, _) = https_responder(&chain_pem, &key_pem, move || {
+        [
+            &b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n"[..],
+            &body[..],
+        ]
+        .concat()
+    })
+    .await;
+    // The same JWKS unpadded loads: the refusals above are the cap's.
+    let (plain_port, _) = https_responder(&chain_pem, &key_pem, move || {
+        format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{jwks}",
+            jwks.len()
+        )
+        .into_bytes()
+    })
+    .await;
+
+    let issuer_for = |port: u16| {
+        JwtIssuer::new(
+            "https://issuer.example".into(),
+            vec!["istio-ca".into()],
+            JwksSource::Uri {
+                url: format!("https://localhost:{port}/openid/v1/jwks"),
+                client: jwks_http_client(Some(&root)).unwrap(),
+                bearer_token_file: None,
+            },
+            std::time::Duration::from_secs(60),
+        )
+    };
+    assert!(issuer_for(plain_port).refresh().await.unwrap() > 0);
+    for port in [redirect_port, announced_port, streamed_port] {
+        let issuer = issuer_for(port);
+        let err = issuer.refresh().await.expect_err("refused");
+        assert_eq!(issuer.key_count(), 0, "{err}");
+    }
+    assert!(
+        redirect_seen.recv().await.is_some(),
+        "the redirect was asked for"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(trapped.try_recv().is_err(), "the redirect was followed");
+}
+
+#[tokio::test]
+async fn serving_certificate_from_files_and_jwks_over_https() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("bundle");
+    std::fs::create_dir_all(&bundle).unwrap();
+    let (chain_pem, key_pem) = bundle_and_serving_cert(&bundle);
+    std::fs::write(dir.path().join("tls.crt"), &chain_pem).unwrap();
+    std::fs::write(dir.path().join("tls.key"), &key_pem).unwrap();
+    std::fs::write(dir.path().join("sa-token"), "kube-api-token\n").unwrap();
+    let issuer = DevTokenIssuer::load_or_create(&dir.path().join("issuer")).unwrap();
+
+    // A one-endpoint HTTPS server for the JWKS, recording the requests it gets.
+    let jwks = issuer.jwks().to_owned();
+    let (jwks_port, mut seen_rx) = https_responder(&chain_pem, &key_pem, move || {
+        format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{jwks}",
+            jwks.len()
+        )
+        .into_bytes()
+    })
+    .await;
 
     let yaml = format!(
         r#"

@@ -278,12 +278,33 @@ impl JwtIssuer {
                         .map_err(|e| format!("{}: {e}", file.display()))?;
                     req = req.bearer_auth(token.trim());
                 }
-                let resp = req
-                    .send()
-                    .await
-                    .and_then(|r| r.error_for_status())
-                    .map_err(|e| format!("GET {url}: {e}"))?;
-                let body = resp.bytes().await.map_err(|e| format!("GET {url}: {e}"))?;
+                let mut resp = req.send().await.map_err(|e| format!("GET {url}: {e}"))?;
+                let status = resp.status();
+                if status.is_redirection() {
+                    return Err(format!(
+                        "GET {url}: {status}: redirects are not followed (configure the final https:// URL)"
+                    ));
+                }
+                if !status.is_success() {
+                    return Err(format!("GET {url}: {status}"));
+                }
+                if resp
+                    .content_length()
+                    .is_some_and(|n| n > MAX_JWKS_BYTES as u64)
+                {
+                    return Err(format!(
+                        "GET {url}: body larger than {MAX_JWKS_BYTES} bytes"
+                    ));
+                }
+                let mut body = Vec::new();
+                while let Some(chunk) = resp.chunk().await.map_err(|e| format!("GET {url}: {e}"))? {
+                    if body.len() + chunk.len() > MAX_JWKS_BYTES {
+                        return Err(format!(
+                            "GET {url}: body larger than {MAX_JWKS_BYTES} bytes"
+                        ));
+                    }
+                    body.extend_from_slice(&chunk);
+                }
                 self.set_jwks(&body, None)
                     .map_err(|e| format!("{url}: {e}"))
             }
@@ -476,6 +497,45 @@ impl JwtAuthenticator {
             cluster: None,
         })
     }
+}
+
+/// Largest JWKS document accepted (Kubernetes serves a few KiB).
+pub const MAX_JWKS_BYTES: usize = 1024 * 1024;
+
+/// The HTTP client for `jwks_uri`: https only, no redirects (an `https`
+/// URL must not lead to `http`, or to another host that then gets the
+/// bearer token), a 5 s connect and a 10 s overall deadline. Bodies are
+/// capped at [`MAX_JWKS_BYTES`] when read. Roots: `ca_file`, or Mozilla's.
+pub fn jwks_http_client(ca_file: Option<&std::path::Path>) -> Result<reqwest::Client, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            for cert in crate::pki::parse_certificates_nonempty(&pem)
+                .map_err(|e| format!("{}: {e}", path.display()))?
+            {
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .https_only(true)
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .timeout(std::time::Duration::from_secs(10))
+        .build()
+        .map_err(|e| e.to_string())
 }
 
 /// One base64url part (no padding, as JWS compact serialization requires)

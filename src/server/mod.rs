@@ -365,10 +365,12 @@ async fn jwt_issuers(config: &Config) -> Result<Vec<Arc<JwtIssuer>>, StartError>
                 bearer_token_file,
             } => JwksSource::Uri {
                 url: url.clone(),
-                client: http_client(ca_file.as_deref()).map_err(|reason| StartError::Jwks {
-                    issuer: j.issuer.clone(),
-                    reason,
-                })?,
+                client: crate::auth::jwt::jwks_http_client(ca_file.as_deref()).map_err(
+                    |reason| StartError::Jwks {
+                        issuer: j.issuer.clone(),
+                        reason,
+                    },
+                )?,
                 bearer_token_file: bearer_token_file.clone(),
             },
         };
@@ -390,35 +392,6 @@ async fn jwt_issuers(config: &Config) -> Result<Vec<Arc<JwtIssuer>>, StartError>
         out.push(Arc::new(issuer));
     }
     Ok(out)
-}
-
-fn http_client(ca_file: Option<&std::path::Path>) -> Result<reqwest::Client, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    match ca_file {
-        Some(path) => {
-            let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-            for cert in crate::pki::parse_certificates_nonempty(&pem)
-                .map_err(|e| format!("{}: {e}", path.display()))?
-            {
-                roots
-                    .add(cert)
-                    .map_err(|e| format!("{}: {e}", path.display()))?;
-            }
-        }
-        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-    }
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    reqwest::Client::builder()
-        .use_preconfigured_tls(tls)
-        .timeout(Duration::from_secs(10))
-        .build()
-        .map_err(|e| e.to_string())
 }
 
 async fn refresh_jwks(issuer: Arc<JwtIssuer>, every: Duration) {
