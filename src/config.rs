@@ -748,6 +748,16 @@ impl FileConfig {
                 "must be between 1m and 100 years",
             ));
         }
+        if default_ttl > max_ttl {
+            return Err(invalid(
+                "policy.default_ttl",
+                format!(
+                    "{} is longer than policy.max_ttl ({}): a request asking for the default would be refused",
+                    humantime::format_duration(default_ttl),
+                    humantime::format_duration(max_ttl)
+                ),
+            ));
+        }
         if backdate > Duration::from_secs(24 * 3600) {
             return Err(invalid("policy.backdate", "must be at most 24h"));
         }
@@ -811,6 +821,20 @@ impl FileConfig {
                 &l.max_connection_age_grace,
             )?,
         };
+        if !(Duration::from_millis(100)..=Duration::from_secs(300))
+            .contains(&limits.handshake_timeout)
+        {
+            return Err(invalid(
+                "limits.handshake_timeout",
+                "must be between 100ms and 5m",
+            ));
+        }
+        if !(Duration::from_secs(1)..=Duration::from_secs(600)).contains(&limits.request_timeout) {
+            return Err(invalid(
+                "limits.request_timeout",
+                "must be between 1s and 10m",
+            ));
+        }
         if !limits.max_connection_age.is_zero()
             && limits.max_connection_age < Duration::from_secs(1)
         {
@@ -1141,6 +1165,16 @@ policy: { default_ttl: "24h", max_ttl: "2160h" }
                 "server_tls: { dns_names: [\"a b\"] }",
                 "server_tls.dns_names[0]",
             ),
+            (
+                "policy: { default_ttl: 48h, max_ttl: 24h }",
+                "policy.default_ttl",
+            ),
+            (
+                "limits: { handshake_timeout: 0s }",
+                "limits.handshake_timeout",
+            ),
+            ("limits: { request_timeout: 0s }", "limits.request_timeout"),
+            ("limits: { request_timeout: 1h }", "limits.request_timeout"),
             (
                 "limits: { max_connection_age: 500ms }",
                 "limits.max_connection_age",
