@@ -80,3 +80,40 @@ async fn intermediate_rotation_is_picked_up_and_bad_bundles_are_refused() {
     assert_eq!(issuer_cn(&ts, &wl, &token).await, "second");
     ts.server.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_refused_bundle_is_retried_without_a_file_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = ::time::OffsetDateTime::now_utc();
+    let root = generate::root(&spec("root"), now).unwrap();
+    let first = generate::intermediate(&root, &spec("first"), now).unwrap();
+    generate::write_istio_layout(dir.path(), &first, &first.cert_pem, &root.cert_pem).unwrap();
+    let ts = TestServer::with_ca_dir_and_reload(dir.path(), "1s").await;
+    let wl = Workload::new("default", "web", WorkloadKeyType::EcdsaP256);
+    let token = ts.token("default", "web");
+    assert_eq!(issuer_cn(&ts, &wl, &token).await, "first");
+
+    // An intermediate valid only from 4 seconds on (generate backdates by
+    // 5 minutes): refused when first seen, and taken by a later retry of
+    // the same, unchanged files.
+    let later = ::time::OffsetDateTime::now_utc()
+        + ::time::Duration::minutes(5)
+        + ::time::Duration::seconds(4);
+    let second = generate::intermediate(&root, &spec("second"), later).unwrap();
+    generate::write_istio_layout(dir.path(), &second, &second.cert_pem, &root.cert_pem).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert_eq!(
+        issuer_cn(&ts, &wl, &token).await,
+        "first",
+        "not valid yet: refused"
+    );
+    let mut taken = false;
+    for _ in 0..60 {
+        if issuer_cn(&ts, &wl, &token).await == "second" {
+            taken = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    assert!(taken, "the refused bundle was never retried");
+}

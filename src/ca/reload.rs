@@ -58,17 +58,29 @@ pub fn reload(dir: &Path, current: &Ca, now: OffsetDateTime) -> Result<Ca, Reloa
     Ok(next)
 }
 
+/// Longest wait between retries of a refused bundle whose files did not change.
+const MAX_RETRY: Duration = Duration::from_secs(300);
+
 /// Polls `dir` every `every` and swaps `ca` when a changed bundle passes
-/// every check; `changed` is notified after each swap.
+/// every check; `changed` is notified after each swap. A refused bundle is
+/// tried again even if its files do not change (a certificate that is not
+/// valid yet, a permission fixed with `chmod`, which changes no size or
+/// modification time), first after `every`, then backing off to 5 minutes.
 pub async fn watch(dir: PathBuf, ca: Arc<ArcSwap<Ca>>, every: Duration, changed: Arc<Notify>) {
     let mut seen = fingerprint(&dir);
+    // After a refusal: when to try the same files again, and the wait after that.
+    let mut retry: Option<(tokio::time::Instant, Duration)> = None;
     loop {
         tokio::time::sleep(every).await;
         let now_seen = fingerprint(&dir);
-        if now_seen == seen || now_seen.is_none() {
+        let files_changed = now_seen != seen && now_seen.is_some();
+        let retry_due = retry.is_some_and(|(at, _)| tokio::time::Instant::now() >= at);
+        if !files_changed && !retry_due {
             continue;
         }
-        seen = now_seen;
+        if files_changed {
+            seen = now_seen;
+        }
         let current = ca.load_full();
         let d = dir.clone();
         let result =
@@ -86,12 +98,21 @@ pub async fn watch(dir: PathBuf, ca: Arc<ArcSwap<Ca>>, every: Duration, changed:
                 );
                 ca.store(Arc::new(next));
                 changed.notify_waiters();
+                retry = None;
             }
-            Ok(Err(e)) => tracing::error!(
-                dir = %dir.display(),
-                error = %e,
-                "CA bundle changed but was refused; still signing with the previous CA"
-            ),
+            Ok(Err(e)) => {
+                let wait = match retry {
+                    Some((_, wait)) if !files_changed => (wait * 2).min(MAX_RETRY),
+                    _ => every,
+                };
+                retry = Some((tokio::time::Instant::now() + wait, wait));
+                tracing::error!(
+                    dir = %dir.display(),
+                    error = %e,
+                    retry_in = %humantime::format_duration(wait),
+                    "CA bundle changed but was refused; still signing with the previous CA"
+                )
+            }
             Err(e) => tracing::error!(error = %e, "CA reload task failed"),
         }
     }
