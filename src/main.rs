@@ -445,6 +445,9 @@ fn ca_check(dir: &Path) -> Result<(), String> {
     }) {
         warnings.push("the signing certificate has no Subject Key Identifier; leaves will carry no Authority Key Identifier".into());
     }
+    if let Some(w) = meshsign::ca::bundle::key_file_exposure(&b.dir, b.layout) {
+        warnings.push(w.to_string());
+    }
     for w in &warnings {
         println!("warning: {w}");
     }

@@ -219,3 +219,32 @@ async fn server_refuses_to_start_on_a_bad_bundle() {
         .expect_err("must not start");
     assert!(err.to_string().contains("ca-key.pem"), "{err}");
 }
+
+#[cfg(unix)]
+#[test]
+fn a_key_readable_by_others_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let now = OffsetDateTime::now_utc();
+    let spec = |cn: &str| common::ca_spec(cn, KeyType::EcdsaP256, Duration::days(10));
+    let root = generate::root(&spec("root"), now).unwrap();
+    let inter = generate::intermediate(&root, &spec("inter"), now).unwrap();
+    generate::write_istio_layout(dir.path(), &inter, &inter.cert_pem, &root.cert_pem).unwrap();
+    let key = dir.path().join("ca-key.pem");
+    // As meshsign writes it: owner only, nothing to say.
+    assert_eq!(
+        meshsign::ca::bundle::key_file_exposure(dir.path(), Layout::Istio),
+        None
+    );
+    // As a Secret volume mounts it by default.
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert_eq!(
+        meshsign::ca::bundle::key_file_exposure(dir.path(), Layout::Istio),
+        Some(meshsign::ca::bundle::KeyExposure {
+            path: key.clone(),
+            mode: 0o644
+        })
+    );
+    // The bundle still loads: a warning, not a refusal.
+    CaBundle::load(dir.path(), now).unwrap();
+}

@@ -147,6 +147,45 @@ fn name_or_empty(name: &X509Name<'_>) -> String {
     }
 }
 
+/// The signing key file is readable by more than its owner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyExposure {
+    pub path: PathBuf,
+    /// Permission bits (e.g. `0o644`).
+    pub mode: u32,
+}
+
+impl fmt::Display for KeyExposure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} is readable by group or others (mode {:04o}): restrict it to its owner \
+             (chmod 600, or defaultMode: 0400 on the Secret volume)",
+            self.path.display(),
+            self.mode
+        )
+    }
+}
+
+/// Whether the signing key file in `dir` is readable by anyone but its
+/// owner (Kubernetes mounts Secret files `0644` unless the volume sets
+/// `defaultMode`). Symlinks (Secret volumes) are followed. `None`: fine, or
+/// nothing to say (no key file, not Unix).
+pub fn key_file_exposure(dir: &Path, layout: Layout) -> Option<KeyExposure> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.join(layout.files().key);
+        let mode = std::fs::metadata(&path).ok()?.permissions().mode() & 0o777;
+        (mode & 0o077 != 0).then_some(KeyExposure { path, mode })
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (dir, layout);
+        None
+    }
+}
+
 impl CaBundle {
     /// Detects the layout of `dir`; `Ok(None)` when the directory holds no
     /// bundle file at all.

@@ -332,6 +332,9 @@ fn log_bundle(ca: &Ca) {
         signer_expires = %b.not_after,
         "CA bundle loaded and verified"
     );
+    if let Some(warning) = crate::ca::bundle::key_file_exposure(&b.dir, b.layout) {
+        tracing::warn!("{warning}");
+    }
 }
 
 async fn jwt_issuers(config: &Config) -> Result<Vec<Arc<JwtIssuer>>, StartError> {
