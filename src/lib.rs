@@ -24,4 +24,5 @@ pub mod policy;
 pub mod proto;
 pub mod server;
 pub mod spiffe;
+pub mod supervise;
 pub mod token;

@@ -43,6 +43,8 @@ pub struct Metrics {
     pub token_reviews: IntCounterVec,
     /// `meshsign_token_review_cache_total{cluster, lookup}`: hit, miss, joined.
     pub token_review_cache: IntCounterVec,
+    /// `meshsign_background_restarts_total{task}`: supervised loops restarted.
+    pub background_restarts: IntCounterVec,
     root_expiry: Gauge,
     root_expiry_seconds: Gauge,
     chain_expiry: Gauge,
@@ -109,7 +111,19 @@ impl Metrics {
                 &["cluster", "lookup"],
             )?,
         )?;
+        let background_restarts = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "meshsign_background_restarts_total",
+                    "Background loops (CA reload, JWKS refresh, health, pod watch, ...) that \
+                     panicked or ended and were restarted.",
+                ),
+                &["task"],
+            )?,
+        )?;
         Ok(Metrics {
+            background_restarts,
             token_reviews,
             token_review_cache,
             csr_count: counter(
@@ -149,6 +163,11 @@ impl Metrics {
         })
     }
 
+    /// The restart counter of the supervised task `task`.
+    pub fn restarts(&self, task: &str) -> IntCounter {
+        self.background_restarts.with_label_values(&[task])
+    }
+
     /// Records the expiry of `ca`'s first root and of the first certificate
     /// of its chain (what istiod's `RecordCertsExpiry` records).
     pub fn record_ca(&self, ca: &Ca) {
@@ -186,7 +205,7 @@ impl Metrics {
 }
 
 /// Serves the monitoring endpoint on `listener` until the process ends.
-pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
+pub async fn serve(listener: Arc<tokio::net::TcpListener>, metrics: Arc<Metrics>) {
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;

@@ -226,7 +226,10 @@ pub async fn build(
         };
         let pods = node_auth.then(|| {
             let cache = Arc::new(PodCache::new());
-            tokio::spawn(cache.clone().run(client.clone(), id.clone()));
+            let (c, client, id) = (cache.clone(), client.clone(), id.clone());
+            crate::supervise::spawn("pod-watch", metrics.restarts("pod-watch"), move || {
+                c.clone().run(client.clone(), id.clone())
+            });
             cache
         });
         list.push(Arc::new(Cluster {

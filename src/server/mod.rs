@@ -30,6 +30,7 @@ use crate::config::{CaSource, Config, JwksLocation, ServerTls};
 use crate::k8s::node_auth::NodeAuthorizer;
 use crate::k8s::TokenCheck;
 use crate::proto::istio_certificate_service_server::IstioCertificateServiceServer;
+use crate::supervise;
 use crate::token::{DevTokenIssuer, DEFAULT_AUDIENCE, DEV_ISSUER};
 
 pub use service::CertificateService;
@@ -109,15 +110,18 @@ pub async fn start(config: &Config) -> Result<RunningServer, StartError> {
     let ca = Arc::new(ArcSwap::from_pointee(ca));
     let ca_changed = Arc::new(tokio::sync::Notify::new());
     // The current root bundle, for whoever publishes it (root ConfigMaps).
-    let (roots_tx, _) = tokio::sync::watch::channel(roots_pem.clone());
+    let roots_tx = Arc::new(tokio::sync::watch::channel(roots_pem.clone()).0);
     if let CaSource::Dir(dir) = &config.ca {
         if !config.ca_reload_interval.is_zero() {
-            tokio::spawn(crate::ca::reload::watch(
+            let (dir, ca, every, changed) = (
                 dir.clone(),
                 ca.clone(),
                 config.ca_reload_interval,
                 ca_changed.clone(),
-            ));
+            );
+            supervise::spawn("ca-reload", metrics.restarts("ca-reload"), move || {
+                crate::ca::reload::watch(dir.clone(), ca.clone(), every, changed.clone())
+            });
         }
     }
 
@@ -153,12 +157,24 @@ pub async fn start(config: &Config) -> Result<RunningServer, StartError> {
         }
         if let Some(publisher) = &k.root_publisher {
             for c in clusters.all() {
-                tokio::spawn(crate::k8s::roots::run(
+                let (client, id, publisher, roots) = (
                     c.client.clone(),
                     c.id.clone(),
                     publisher.clone(),
-                    roots_tx.subscribe(),
-                ));
+                    roots_tx.clone(),
+                );
+                supervise::spawn(
+                    "root-publisher",
+                    metrics.restarts("root-publisher"),
+                    move || {
+                        crate::k8s::roots::run(
+                            client.clone(),
+                            id.clone(),
+                            publisher.clone(),
+                            roots.subscribe(),
+                        )
+                    },
+                );
             }
         }
         pod_caches = clusters
@@ -176,7 +192,11 @@ pub async fn start(config: &Config) -> Result<RunningServer, StartError> {
             .iter()
             .find(|j| j.issuer == issuer.issuer)
             .map_or(Duration::from_secs(300), |j| j.refresh);
-        tokio::spawn(refresh_jwks(issuer, refresh));
+        supervise::spawn(
+            "jwks-refresh",
+            metrics.restarts("jwks-refresh"),
+            move || refresh_jwks(issuer.clone(), refresh),
+        );
     }
 
     let tls = match &config.server_tls {
@@ -189,12 +209,24 @@ pub async fn start(config: &Config) -> Result<RunningServer, StartError> {
         other => {
             let serving = serving_certificate(other, &ca.load())?;
             if let ServerTls::Issued { .. } = other {
-                tokio::spawn(renew_serving_certificate(
+                let (serving, ca, settings, changed) = (
                     serving.clone(),
                     ca.clone(),
                     other.clone(),
                     ca_changed.clone(),
-                ));
+                );
+                supervise::spawn(
+                    "serving-certificate",
+                    metrics.restarts("serving-certificate"),
+                    move || {
+                        renew_serving_certificate(
+                            serving.clone(),
+                            ca.clone(),
+                            settings.clone(),
+                            changed.clone(),
+                        )
+                    },
+                );
             }
             let cfg = tls::server_config(serving, &client_roots, config.authn.client_certificates)
                 .map_err(StartError::ServingCertificate)?;
@@ -231,27 +263,36 @@ pub async fn start(config: &Config) -> Result<RunningServer, StartError> {
         .max_decoding_message_size(config.limits.max_request_bytes);
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    tokio::spawn(watch_health(
-        health_reporter,
-        ca.clone(),
-        metrics.clone(),
-        pod_caches,
-    ));
+    {
+        let (ca, m) = (ca.clone(), metrics.clone());
+        supervise::spawn("health", metrics.restarts("health"), move || {
+            watch_health(
+                health_reporter.clone(),
+                ca.clone(),
+                m.clone(),
+                pod_caches.clone(),
+            )
+        });
+    }
     {
         // Expiry gauges and the published roots follow CA reloads.
-        let (ca, metrics, changed) = (ca.clone(), metrics.clone(), ca_changed.clone());
-        tokio::spawn(async move {
-            loop {
-                changed.notified().await;
-                let current = ca.load();
-                metrics.record_ca(&current);
-                roots_tx.send_if_modified(|roots| {
-                    let changed = roots.as_str() != current.roots_pem();
-                    if changed {
-                        *roots = current.roots_pem().to_owned();
-                    }
-                    changed
-                });
+        let (ca, m, changed) = (ca.clone(), metrics.clone(), ca_changed.clone());
+        supervise::spawn("ca-gauges", metrics.restarts("ca-gauges"), move || {
+            let (ca, metrics, changed, roots_tx) =
+                (ca.clone(), m.clone(), changed.clone(), roots_tx.clone());
+            async move {
+                loop {
+                    changed.notified().await;
+                    let current = ca.load();
+                    metrics.record_ca(&current);
+                    roots_tx.send_if_modified(|roots| {
+                        let changed = roots.as_str() != current.roots_pem();
+                        if changed {
+                            *roots = current.roots_pem().to_owned();
+                        }
+                        changed
+                    });
+                }
             }
         });
     }
@@ -264,7 +305,10 @@ pub async fn start(config: &Config) -> Result<RunningServer, StartError> {
                     reason: e.to_string(),
                 })?;
             let bound = listener.local_addr().ok();
-            tokio::spawn(crate::metrics::serve(listener, metrics.clone()));
+            let (listener, m) = (Arc::new(listener), metrics.clone());
+            supervise::spawn("monitoring", metrics.restarts("monitoring"), move || {
+                crate::metrics::serve(listener.clone(), m.clone())
+            });
             if let Some(a) = bound {
                 tracing::info!(addr = %a, "metrics and health on http://{a}/metrics, /healthz/ready");
             }
