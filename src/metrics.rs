@@ -206,23 +206,43 @@ impl Metrics {
 
 /// Serves the monitoring endpoint on `listener` until the process ends.
 pub async fn serve(listener: Arc<tokio::net::TcpListener>, metrics: Arc<Metrics>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MONITORING_MAX_CONNECTIONS));
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             continue;
         };
+        // Over the limit: accepted and closed at once, never left hanging.
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            drop(tcp);
+            continue;
+        };
         let metrics = metrics.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let metrics = metrics.clone();
                 async move { Ok::<_, std::convert::Infallible>(route(&req, &metrics)) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), service)
-                .await;
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(MONITORING_HEADER_TIMEOUT);
+            // A scrape takes milliseconds; nothing may hold a connection for long.
+            let _ = tokio::time::timeout(
+                MONITORING_CONNECTION_LIFETIME,
+                http.serve_connection(TokioIo::new(tcp), service),
+            )
+            .await;
         });
     }
 }
+
+/// Connections the monitoring endpoint serves at once.
+pub const MONITORING_MAX_CONNECTIONS: usize = 64;
+/// Deadline for a request's headers (also while a kept-alive connection idles).
+pub const MONITORING_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Longest life of one monitoring connection.
+pub const MONITORING_CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(30);
 
 fn route(req: &Request<hyper::body::Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match req.uri().path() {
