@@ -133,8 +133,74 @@ impl<'a> MakeWriter<'a> for BatchedWriter {
     }
 }
 
+/// A budget for lines that strangers can cause (refused requests): at most
+/// `per_second` lines in each second; the rest are suppressed and counted,
+/// and the next line let through reports how many were. A token-less flood
+/// then costs a bounded amount of log, and no worker waits on writing it.
+#[derive(Debug)]
+pub struct LineBudget {
+    per_second: u32,
+    /// `(second, lines let through in it)`, packed: second << 32 | count.
+    window: std::sync::atomic::AtomicU64,
+    suppressed: std::sync::atomic::AtomicU64,
+}
+
+impl LineBudget {
+    pub fn new(per_second: u32) -> Self {
+        Self {
+            per_second,
+            window: std::sync::atomic::AtomicU64::new(0),
+            suppressed: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// At `now_unix`: `Some(n)` to log the line (after `n` suppressed since
+    /// the last one logged), `None` to suppress it.
+    pub fn admit(&self, now_unix: u64) -> Option<u64> {
+        use std::sync::atomic::Ordering;
+        let second = now_unix & 0xffff_ffff;
+        let mut current = self.window.load(Ordering::Relaxed);
+        loop {
+            let (window, count) = (current >> 32, current & 0xffff_ffff);
+            let next = if window != second {
+                (second << 32) | 1
+            } else if count < u64::from(self.per_second) {
+                current + 1
+            } else {
+                self.suppressed.fetch_add(1, Ordering::Relaxed);
+                return None;
+            };
+            match self.window.compare_exchange_weak(
+                current,
+                next,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Some(self.suppressed.swap(0, Ordering::Relaxed)),
+                Err(actual) => current = actual,
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn line_budget_lets_a_burst_through_and_counts_the_rest() {
+        let budget = super::LineBudget::new(3);
+        let t = 1_800_000_000;
+        assert_eq!(budget.admit(t), Some(0));
+        assert_eq!(budget.admit(t), Some(0));
+        assert_eq!(budget.admit(t), Some(0));
+        for _ in 0..10 {
+            assert_eq!(budget.admit(t), None);
+        }
+        // The next second: logged again, reporting the 10 suppressed.
+        assert_eq!(budget.admit(t + 1), Some(10));
+        assert_eq!(budget.admit(t + 1), Some(0));
+    }
+
     use super::*;
 
     type Writes = Arc<Mutex<Vec<Vec<u8>>>>;

@@ -45,6 +45,8 @@ pub struct Metrics {
     pub token_review_cache: IntCounterVec,
     /// `meshsign_background_restarts_total{task}`: supervised loops restarted.
     pub background_restarts: IntCounterVec,
+    /// `meshsign_log_lines_suppressed_total`: refusal log lines over budget.
+    pub log_suppressed: IntCounter,
     root_expiry: Gauge,
     root_expiry_seconds: Gauge,
     chain_expiry: Gauge,
@@ -123,6 +125,10 @@ impl Metrics {
             )?,
         )?;
         Ok(Metrics {
+            log_suppressed: counter(
+                "meshsign_log_lines_suppressed_total",
+                "Refused-request log lines not written because more than the budget (100 a second) came in.",
+            )?,
             background_restarts,
             token_reviews,
             token_review_cache,

@@ -77,3 +77,62 @@ async fn idle_slow_and_excess_monitoring_connections_are_closed() {
         .unwrap();
     assert!(text.contains("citadel_server_csr_count"));
 }
+
+#[tokio::test]
+async fn a_token_less_flood_writes_a_bounded_number_of_log_lines() {
+    let ts = std::sync::Arc::new(TestServer::dev("").await);
+    let wl = std::sync::Arc::new(common::Workload::new(
+        "default",
+        "flood",
+        meshsign::client::WorkloadKeyType::EcdsaP256,
+    ));
+    let csr = wl.csr();
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let (ts, csr) = (ts.clone(), csr.clone());
+            tokio::spawn(async move {
+                let mut ca = meshsign::client::connect(&ts.endpoint()).await.unwrap();
+                for _ in 0..50 {
+                    let r = meshsign::client::create_certificate(
+                        &mut ca,
+                        &meshsign::client::CertificateRequest {
+                            csr_pem: csr.clone(),
+                            ttl_seconds: 600,
+                            token: None,
+                            cluster_id: "Kubernetes",
+                            impersonate: None,
+                        },
+                    )
+                    .await;
+                    assert_eq!(r.unwrap_err().code(), tonic::Code::Unauthenticated);
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let seconds = started.elapsed().as_secs() + 1;
+    let addr = ts.server.monitoring_addr.unwrap();
+    let text = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let suppressed: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("meshsign_log_lines_suppressed_total "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    // 1000 refusals; at most REFUSAL_LOG_PER_SECOND lines in each second they spanned.
+    let budget = u64::from(meshsign::server::service::REFUSAL_LOG_PER_SECOND) * (seconds + 1);
+    assert!(
+        1000 - suppressed <= budget,
+        "{} lines logged in about {seconds}s",
+        1000 - suppressed
+    );
+    assert!(suppressed > 0);
+}

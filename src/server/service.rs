@@ -13,9 +13,11 @@ use super::tls::PeerInfo;
 use crate::auth::{Authenticator, CallerIdentity, Credentials};
 use crate::ca::pool::SigningPool;
 use crate::ca::{Ca, LeafSpec, SanEntry};
+use crate::clock::{Clock, SystemClock};
 use crate::csr::{self, KeyPolicy};
 use crate::error::RequestError;
 use crate::k8s::node_auth::{NodeAuthError, NodeAuthorizer};
+use crate::logging::LineBudget;
 use crate::metrics::Metrics;
 use crate::pki;
 use crate::policy::Policy;
@@ -43,7 +45,12 @@ pub struct CertificateService {
     signers: SigningPool,
     allow_plaintext: bool,
     metrics: Arc<Metrics>,
+    /// Refusals are caused by strangers: their log lines have a budget.
+    refusal_log: LineBudget,
 }
+
+/// Refused-request log lines written per second at most.
+pub const REFUSAL_LOG_PER_SECOND: u32 = 100;
 
 impl CertificateService {
     pub fn new(
@@ -64,6 +71,7 @@ impl CertificateService {
             signers: SigningPool::new(cores)?,
             allow_plaintext,
             metrics,
+            refusal_log: LineBudget::new(REFUSAL_LOG_PER_SECOND),
         })
     }
 
@@ -286,12 +294,16 @@ impl IstioCertificateService for Arc<CertificateService> {
                 self.metrics
                     .duration
                     .observe(started.elapsed().as_secs_f64());
-                tracing::warn!(
-                    code = ?status.code(),
-                    remote = ?remote,
-                    error = %e,
-                    "CreateCertificate refused"
-                );
+                match self.refusal_log.admit(SystemClock.now_unix()) {
+                    Some(suppressed) => tracing::warn!(
+                        code = ?status.code(),
+                        remote = ?remote,
+                        error = %e,
+                        suppressed_before = suppressed,
+                        "CreateCertificate refused"
+                    ),
+                    None => self.metrics.log_suppressed.inc(),
+                }
                 Err(status)
             }
         }
