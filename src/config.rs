@@ -230,6 +230,9 @@ struct FileLimits {
     request_timeout: String,
     max_connection_age: String,
     max_connection_age_grace: String,
+    max_connections: usize,
+    max_concurrent_handshakes: usize,
+    listen_backlog: u32,
 }
 
 impl Default for FileLimits {
@@ -241,6 +244,9 @@ impl Default for FileLimits {
             request_timeout: "30s".into(),
             max_connection_age: "30m".into(),
             max_connection_age_grace: "10s".into(),
+            max_connections: 20_000,
+            max_concurrent_handshakes: 1024,
+            listen_backlog: 4096,
         }
     }
 }
@@ -464,6 +470,12 @@ pub struct Limits {
     pub max_connection_age: Duration,
     /// How long calls may still run after that GOAWAY before the connection is closed.
     pub max_connection_age_grace: Duration,
+    /// Open connections; past it new ones are accepted and closed at once.
+    pub max_connections: usize,
+    /// TLS handshakes in progress; past it likewise.
+    pub max_concurrent_handshakes: usize,
+    /// The listen queue length asked of the kernel (capped by `net.core.somaxconn`).
+    pub listen_backlog: u32,
 }
 
 /// Everything meshsign needs to run, validated.
@@ -820,7 +832,28 @@ impl FileConfig {
                 "limits.max_connection_age_grace",
                 &l.max_connection_age_grace,
             )?,
+            max_connections: l.max_connections,
+            max_concurrent_handshakes: l.max_concurrent_handshakes,
+            listen_backlog: l.listen_backlog,
         };
+        if !(1..=1_000_000).contains(&limits.max_connections) {
+            return Err(invalid(
+                "limits.max_connections",
+                "must be between 1 and 1000000",
+            ));
+        }
+        if !(1..=100_000).contains(&limits.max_concurrent_handshakes) {
+            return Err(invalid(
+                "limits.max_concurrent_handshakes",
+                "must be between 1 and 100000",
+            ));
+        }
+        if !(1..=65_535).contains(&limits.listen_backlog) {
+            return Err(invalid(
+                "limits.listen_backlog",
+                "must be between 1 and 65535",
+            ));
+        }
         if !(Duration::from_millis(100)..=Duration::from_secs(300))
             .contains(&limits.handshake_timeout)
         {

@@ -47,6 +47,8 @@ pub struct Metrics {
     pub background_restarts: IntCounterVec,
     /// `meshsign_log_lines_suppressed_total`: refusal log lines over budget.
     pub log_suppressed: IntCounter,
+    /// `meshsign_connections_refused_total{reason}`: closed at accept by a limit.
+    pub connections_refused: IntCounterVec,
     root_expiry: Gauge,
     root_expiry_seconds: Gauge,
     chain_expiry: Gauge,
@@ -124,7 +126,19 @@ impl Metrics {
                 &["task"],
             )?,
         )?;
+        let connections_refused = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "meshsign_connections_refused_total",
+                    "Connections accepted and closed at once because a limit was reached \
+                     (max_connections, max_handshakes).",
+                ),
+                &["reason"],
+            )?,
+        )?;
         Ok(Metrics {
+            connections_refused,
             log_suppressed: counter(
                 "meshsign_log_lines_suppressed_total",
                 "Refused-request log lines not written because more than the budget (100 a second) came in.",

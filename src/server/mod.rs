@@ -235,9 +235,8 @@ pub async fn start(config: &Config) -> Result<RunningServer, StartError> {
     };
     let plaintext = tls.is_none();
 
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|e| StartError::Listen {
+    let listener =
+        listen(config.listen, config.limits.listen_backlog).map_err(|e| StartError::Listen {
             addr: config.listen,
             reason: e.to_string(),
         })?;
@@ -245,7 +244,16 @@ pub async fn start(config: &Config) -> Result<RunningServer, StartError> {
         addr: config.listen,
         reason: e.to_string(),
     })?;
-    let incoming = tls::incoming(listener, tls, config.limits.handshake_timeout);
+    let incoming = tls::incoming(
+        listener,
+        tls,
+        tls::ConnLimits {
+            handshake_timeout: config.limits.handshake_timeout,
+            max_connections: config.limits.max_connections,
+            max_handshakes: config.limits.max_concurrent_handshakes,
+            refused: metrics.connections_refused.clone(),
+        },
+    );
 
     let service = Arc::new(
         CertificateService::new(
@@ -363,6 +371,19 @@ pub async fn start(config: &Config) -> Result<RunningServer, StartError> {
         shutdown: Some(shutdown_tx),
         task,
     })
+}
+
+/// A listener with a listen queue of `backlog` (tokio's `bind` asks for
+/// 1024; a renewal storm's connects must not overflow the kernel's queue).
+fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
 }
 
 fn log_bundle(ca: &Ca) {

@@ -24,7 +24,7 @@ use rustls::RootCertStore;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tonic::transport::server::Connected;
@@ -76,16 +76,22 @@ impl ValidityWindow {
 }
 
 /// An accepted connection, TLS or (insecure mode) plaintext.
+/// The third field is the connection's slot under `limits.max_connections`,
+/// released when the connection is dropped.
 pub enum Conn {
-    Tls(Box<Coalesce<TlsStream<TcpStream>>>, PeerInfo),
-    Plain(Coalesce<TcpStream>, PeerInfo),
+    Tls(
+        Box<Coalesce<TlsStream<TcpStream>>>,
+        PeerInfo,
+        OwnedSemaphorePermit,
+    ),
+    Plain(Coalesce<TcpStream>, PeerInfo, OwnedSemaphorePermit),
 }
 
 impl Connected for Conn {
     type ConnectInfo = PeerInfo;
     fn connect_info(&self) -> PeerInfo {
         match self {
-            Conn::Tls(_, p) | Conn::Plain(_, p) => p.clone(),
+            Conn::Tls(_, p, _) | Conn::Plain(_, p, _) => p.clone(),
         }
     }
 }
@@ -97,8 +103,8 @@ impl AsyncRead for Conn {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_read(cx, buf),
-            Conn::Plain(s, _) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s, _, _) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Conn::Plain(s, _, _) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -110,20 +116,20 @@ impl AsyncWrite for Conn {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_write(cx, buf),
-            Conn::Plain(s, _) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s, _, _) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Conn::Plain(s, _, _) => Pin::new(s).poll_write(cx, buf),
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_flush(cx),
-            Conn::Plain(s, _) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s, _, _) => Pin::new(s.as_mut()).poll_flush(cx),
+            Conn::Plain(s, _, _) => Pin::new(s).poll_flush(cx),
         }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_shutdown(cx),
-            Conn::Plain(s, _) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s, _, _) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Conn::Plain(s, _, _) => Pin::new(s).poll_shutdown(cx),
         }
     }
     fn poll_write_vectored(
@@ -132,14 +138,14 @@ impl AsyncWrite for Conn {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-            Conn::Plain(s, _) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Conn::Tls(s, _, _) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            Conn::Plain(s, _, _) => Pin::new(s).poll_write_vectored(cx, bufs),
         }
     }
     fn is_write_vectored(&self) -> bool {
         match self {
-            Conn::Tls(s, _) => s.is_write_vectored(),
-            Conn::Plain(s, _) => s.is_write_vectored(),
+            Conn::Tls(s, _, _) => s.is_write_vectored(),
+            Conn::Plain(s, _, _) => s.is_write_vectored(),
         }
     }
 }
@@ -224,15 +230,35 @@ pub fn server_config(
     Ok(config)
 }
 
+/// Bounds on what a stranger can make the listener hold.
+#[derive(Debug, Clone)]
+pub struct ConnLimits {
+    pub handshake_timeout: Duration,
+    /// Open connections (handshaking or established); past it a new
+    /// connection is accepted and closed at once.
+    pub max_connections: usize,
+    /// TLS handshakes in progress; past it likewise.
+    pub max_handshakes: usize,
+    /// `meshsign_connections_refused_total{reason}`: max_connections, max_handshakes.
+    pub refused: prometheus::IntCounterVec,
+}
+
 /// Accepts connections on `listener` and yields them once their handshake is
-/// done; `tls = None` serves plaintext.
+/// done; `tls = None` serves plaintext. Connections past the limits are
+/// accepted and closed at once (never left in the kernel's queue or hanging
+/// in a handshake), and counted.
 pub fn incoming(
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
-    handshake_timeout: Duration,
+    limits: ConnLimits,
 ) -> tokio_stream::wrappers::ReceiverStream<io::Result<Conn>> {
     let (tx, rx) = mpsc::channel::<io::Result<Conn>>(256);
     let acceptor = tls.map(TlsAcceptor::from);
+    let handshake_timeout = limits.handshake_timeout;
+    let connections = Arc::new(Semaphore::new(limits.max_connections));
+    let handshakes = Arc::new(Semaphore::new(limits.max_handshakes));
+    let refused_connections = limits.refused.with_label_values(&["max_connections"]);
+    let refused_handshakes = limits.refused.with_label_values(&["max_handshakes"]);
     tokio::spawn(async move {
         loop {
             let (tcp, remote) = match listener.accept().await {
@@ -244,6 +270,11 @@ pub fn incoming(
                     continue;
                 }
             };
+            let Ok(slot) = connections.clone().try_acquire_owned() else {
+                refused_connections.inc();
+                drop(tcp);
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let tx = tx.clone();
             let Some(acceptor) = acceptor.clone() else {
@@ -254,7 +285,7 @@ pub fn incoming(
                     client_certificate_validity: None,
                 };
                 if tx
-                    .send(Ok(Conn::Plain(Coalesce::new(tcp), peer)))
+                    .send(Ok(Conn::Plain(Coalesce::new(tcp), peer, slot)))
                     .await
                     .is_err()
                 {
@@ -262,8 +293,15 @@ pub fn incoming(
                 }
                 continue;
             };
+            let Ok(handshaking) = handshakes.clone().try_acquire_owned() else {
+                refused_handshakes.inc();
+                drop(tcp);
+                continue;
+            };
             tokio::spawn(async move {
-                match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                let handshake = tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await;
+                drop(handshaking);
+                match handshake {
                     Ok(Ok(stream)) => {
                         // Also for a resumed session: rustls restores the
                         // certificates the client presented originally.
@@ -277,7 +315,7 @@ pub fn incoming(
                             client_certificate_validity,
                         };
                         let _ = tx
-                            .send(Ok(Conn::Tls(Box::new(Coalesce::new(stream)), peer)))
+                            .send(Ok(Conn::Tls(Box::new(Coalesce::new(stream)), peer, slot)))
                             .await;
                     }
                     Ok(Err(e)) => tracing::debug!(%remote, error = %e, "TLS handshake failed"),
