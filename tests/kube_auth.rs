@@ -8,7 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::kube::{Kube, KubeApiServer};
-use common::{TestServer, Workload};
+use common::{eventually, TestServer, Workload};
 use meshsign::client::{self, CertificateRequest, CsrSubject, IssuedCertificate, WorkloadKeyType};
 use time::OffsetDateTime;
 use tonic::Code;
@@ -54,24 +54,23 @@ async fn request(
     )
 }
 
-async fn metric(ts: &TestServer, line_start: &str) -> f64 {
-    let addr = ts.server.monitoring_addr.expect("monitoring");
-    let text = reqwest::get(format!("http://{addr}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find(|l| l.starts_with(line_start))
-        .map_or(0.0, |l| l.rsplit(' ').next().unwrap().parse().unwrap())
-}
-
 fn cluster_entry(id: &str, aliases: &[&str], api: &KubeApiServer) -> String {
     format!(
         "    - {{ id: {id:?}, aliases: {aliases:?}, kubeconfig: {:?} }}\n",
         api.kubeconfig.display().to_string()
     )
+}
+
+/// ztunnel's request shape: its own `token`, an empty-subject P-256 CSR for
+/// `wl`, and `ImpersonatedIdentity: identity`.
+async fn as_ztunnel(
+    ts: &TestServer,
+    wl: &Workload,
+    token: &str,
+    cluster_id: &str,
+    identity: &str,
+) -> Result<IssuedCertificate, Code> {
+    request(ts, wl, CsrSubject::Empty, token, cluster_id, Some(identity)).await
 }
 
 /// Flips a character of the signature: a forged token.
@@ -303,29 +302,23 @@ async fn a_thousand_renewals_with_one_token_cost_one_review() {
     let sent = |result: &'static str| {
         let ts = ts.clone();
         async move {
-            metric(
-                &ts,
-                &format!(
-                    "meshsign_token_reviews_total{{cluster=\"Kubernetes\",result=\"{result}\"}}"
-                ),
-            )
+            ts.metric(&format!(
+                "meshsign_token_reviews_total{{cluster=\"Kubernetes\",result=\"{result}\"}}"
+            ))
             .await
         }
     };
     assert_eq!(sent("authenticated").await, 1.0);
     assert_eq!(sent("refused").await + sent("unavailable").await, 0.0);
-    let issued = metric(&ts, "citadel_server_success_cert_issuance_count").await;
-    assert_eq!(issued, 1000.0);
-    let lookups = metric(
-        &ts,
-        "meshsign_token_review_cache_total{cluster=\"Kubernetes\",lookup=\"hit\"}",
-    )
-    .await
-        + metric(
-            &ts,
-            "meshsign_token_review_cache_total{cluster=\"Kubernetes\",lookup=\"joined\"}",
-        )
+    let issued = ts
+        .metric("citadel_server_success_cert_issuance_count")
         .await;
+    assert_eq!(issued, 1000.0);
+    let lookups = ts
+        .metric("meshsign_token_review_cache_total{cluster=\"Kubernetes\",lookup=\"hit\"}")
+        .await
+        + ts.metric("meshsign_token_review_cache_total{cluster=\"Kubernetes\",lookup=\"joined\"}")
+            .await;
     assert_eq!(lookups, 999.0);
 }
 
@@ -375,11 +368,8 @@ async fn unreachable_api_server_is_unavailable_not_a_refusal() {
         Some(Code::Unauthenticated)
     );
     assert_eq!(
-        metric(
-            &ts,
-            "meshsign_token_reviews_total{cluster=\"Kubernetes\",result=\"unavailable\"}"
-        )
-        .await,
+        ts.metric("meshsign_token_reviews_total{cluster=\"Kubernetes\",result=\"unavailable\"}")
+            .await,
         1.0
     );
 }
@@ -439,38 +429,22 @@ async fn clusterid_selects_the_cluster_as_istiod_does() {
     // remote cluster's pods (istiod's "from remote cluster" case); the same
     // request claiming the local cluster is refused.
     let sleep_id = wl.id.to_string();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while let Err(code) = request(
-        &ts,
-        &wl,
-        CsrSubject::Empty,
-        &token_zr,
-        "remote",
-        Some(&sleep_id),
-    )
-    .await
-    {
-        assert!(
-            Instant::now() < deadline,
-            "remote impersonation refused: {code:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(
-        request(&ts, &wl, CsrSubject::Empty, &token_zr, "", Some(&sleep_id))
+    eventually("remote impersonation", Duration::from_secs(10), || async {
+        as_ztunnel(&ts, &wl, &token_zr, "remote", &sleep_id)
             .await
-            .err(),
+            .is_ok()
+    })
+    .await;
+    assert_eq!(
+        as_ztunnel(&ts, &wl, &token_zr, "", &sleep_id).await.err(),
         Some(Code::Unauthenticated)
     );
     let reviews = |c: &'static str| {
         let ts = &ts;
         async move {
-            metric(
-                ts,
-                &format!(
-                    "meshsign_token_reviews_total{{cluster=\"{c}\",result=\"authenticated\"}}"
-                ),
-            )
+            ts.metric(&format!(
+                "meshsign_token_reviews_total{{cluster=\"{c}\",result=\"authenticated\"}}"
+            ))
             .await
         }
     };
@@ -535,76 +509,40 @@ async fn ztunnel_impersonates_only_pods_on_its_own_node() {
         "http://{}/healthz/ready",
         ts.server.monitoring_addr.expect("monitoring")
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while reqwest::get(&ready).await.unwrap().status() != 200 {
-        assert!(Instant::now() < deadline, "never ready");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually("ready", Duration::from_secs(10), || async {
+        reqwest::get(&ready).await.unwrap().status() == 200
+    })
+    .await;
 
     // ztunnel's request shape: its own token, an empty-subject P-256 CSR for
     // the pod's identity, and ImpersonatedIdentity. The leaf is verified to
     // carry exactly the impersonated identity.
     let sleep = pod_wl("sleep");
-    request(
-        &ts,
-        &sleep,
-        CsrSubject::Empty,
-        &token_a,
-        "Kubernetes",
-        Some(&id("sleep")),
-    )
-    .await
-    .expect("same-node impersonation");
+    as_ztunnel(&ts, &sleep, &token_a, "Kubernetes", &id("sleep"))
+        .await
+        .expect("same-node impersonation");
     // Offline-verified token, same rules.
-    request(
-        &ts,
-        &sleep,
-        CsrSubject::Empty,
-        &token_a,
-        "offline",
-        Some(&id("sleep")),
-    )
-    .await
-    .expect("impersonation through the JWKS-verified cluster");
+    as_ztunnel(&ts, &sleep, &token_a, "offline", &id("sleep"))
+        .await
+        .expect("impersonation through the JWKS-verified cluster");
     // ztunnel-b serves node-b's pods.
-    request(
-        &ts,
-        &pod_wl("web"),
-        CsrSubject::Empty,
-        &token_b,
-        "Kubernetes",
-        Some(&id("web")),
-    )
-    .await
-    .expect("web on node-b for ztunnel-b");
+    as_ztunnel(&ts, &pod_wl("web"), &token_b, "Kubernetes", &id("web"))
+        .await
+        .expect("web on node-b for ztunnel-b");
 
     let unauth = Some(Code::Unauthenticated);
     // A pod on another node.
     assert_eq!(
-        request(
-            &ts,
-            &pod_wl("web"),
-            CsrSubject::Empty,
-            &token_a,
-            "Kubernetes",
-            Some(&id("web"))
-        )
-        .await
-        .err(),
+        as_ztunnel(&ts, &pod_wl("web"), &token_a, "Kubernetes", &id("web"))
+            .await
+            .err(),
         unauth
     );
     // A failed pod.
     assert_eq!(
-        request(
-            &ts,
-            &pod_wl("crash"),
-            CsrSubject::Empty,
-            &token_a,
-            "Kubernetes",
-            Some(&id("crash"))
-        )
-        .await
-        .err(),
+        as_ztunnel(&ts, &pod_wl("crash"), &token_a, "Kubernetes", &id("crash"))
+            .await
+            .err(),
         unauth
     );
     // An untrusted caller (a workload's own token).
@@ -612,16 +550,9 @@ async fn ztunnel_impersonates_only_pods_on_its_own_node() {
         .token(&app, "sleep", "istio-ca", Some(("sleep-1", &uid_sleep)))
         .await;
     assert_eq!(
-        request(
-            &ts,
-            &sleep,
-            CsrSubject::Empty,
-            &sleep_token,
-            "Kubernetes",
-            Some(&id("sleep"))
-        )
-        .await
-        .err(),
+        as_ztunnel(&ts, &sleep, &sleep_token, "Kubernetes", &id("sleep"))
+            .await
+            .err(),
         unauth
     );
     // A foreign trust domain and a malformed identity.
@@ -630,32 +561,18 @@ async fn ztunnel_impersonates_only_pods_on_its_own_node() {
         format!("spiffe://cluster.local/ns/{app}"),
     ] {
         assert_eq!(
-            request(
-                &ts,
-                &sleep,
-                CsrSubject::Empty,
-                &token_a,
-                "Kubernetes",
-                Some(&bad)
-            )
-            .await
-            .err(),
+            as_ztunnel(&ts, &sleep, &token_a, "Kubernetes", &bad)
+                .await
+                .err(),
             unauth,
             "{bad}"
         );
     }
     // The CSR must carry exactly the impersonated identity.
     assert_eq!(
-        request(
-            &ts,
-            &pod_wl("web"),
-            CsrSubject::Empty,
-            &token_a,
-            "Kubernetes",
-            Some(&id("sleep"))
-        )
-        .await
-        .err(),
+        as_ztunnel(&ts, &pod_wl("web"), &token_a, "Kubernetes", &id("sleep"))
+            .await
+            .err(),
         Some(Code::PermissionDenied)
     );
 
@@ -663,16 +580,9 @@ async fn ztunnel_impersonates_only_pods_on_its_own_node() {
     // and re-created under the same name, same account, same node. The API
     // server's TokenReview refuses the old token; offline verification
     // cannot, so node authorization's UID check must.
-    request(
-        &ts,
-        &sleep,
-        CsrSubject::Empty,
-        &token_c,
-        "offline",
-        Some(&id("sleep")),
-    )
-    .await
-    .expect("ztunnel-c before re-creation");
+    as_ztunnel(&ts, &sleep, &token_c, "offline", &id("sleep"))
+        .await
+        .expect("ztunnel-c before re-creation");
     k.delete_pod(&zt, "ztunnel-c").await;
     let new_uid = k.pod(&zt, "ztunnel-c", "ztunnel", &node_a).await;
     assert_ne!(new_uid, uid_c);
@@ -680,66 +590,42 @@ async fn ztunnel_impersonates_only_pods_on_its_own_node() {
         .token(&zt, "ztunnel", "istio-ca", Some(("ztunnel-c", &new_uid)))
         .await;
     // Wait until the watch has seen the new pod (its new token works)...
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while request(
-        &ts,
-        &sleep,
-        CsrSubject::Empty,
-        &new_token,
-        "offline",
-        Some(&id("sleep")),
+    eventually(
+        "new ztunnel-c authorized",
+        Duration::from_secs(10),
+        || async {
+            as_ztunnel(&ts, &sleep, &new_token, "offline", &id("sleep"))
+                .await
+                .is_ok()
+        },
     )
-    .await
-    .is_err()
-    {
-        assert!(Instant::now() < deadline, "new ztunnel-c never authorized");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    .await;
     // ...then the old token, still valid offline, is refused.
     assert_eq!(
-        request(
-            &ts,
-            &sleep,
-            CsrSubject::Empty,
-            &token_c,
-            "offline",
-            Some(&id("sleep"))
-        )
-        .await
-        .err(),
+        as_ztunnel(&ts, &sleep, &token_c, "offline", &id("sleep"))
+            .await
+            .err(),
         unauth
     );
     assert_eq!(
-        request(
-            &ts,
-            &sleep,
-            CsrSubject::Empty,
-            &token_c,
-            "Kubernetes",
-            Some(&id("sleep"))
-        )
-        .await
-        .err(),
+        as_ztunnel(&ts, &sleep, &token_c, "Kubernetes", &id("sleep"))
+            .await
+            .err(),
         unauth
     );
 
     // Pods that leave the node take their identities with them.
     k.delete_pod(&app, "sleep-1").await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while request(
-        &ts,
-        &sleep,
-        CsrSubject::Empty,
-        &token_a,
-        "Kubernetes",
-        Some(&id("sleep")),
+    eventually(
+        "deleted pod no longer impersonable",
+        Duration::from_secs(10),
+        || async {
+            as_ztunnel(&ts, &sleep, &token_a, "Kubernetes", &id("sleep"))
+                .await
+                .is_err()
+        },
     )
-    .await
-    .is_ok()
-    {
-        assert!(Instant::now() < deadline, "deleted pod still impersonable");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    .await;
 }
 
 #[tokio::test]

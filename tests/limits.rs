@@ -5,25 +5,12 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{TestServer, Workload};
+use common::{eventually, TestServer, Workload};
 use meshsign::client::WorkloadKeyType;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
-
-async fn metric(ts: &TestServer, line_start: &str) -> f64 {
-    let addr = ts.server.monitoring_addr.unwrap();
-    let text = reqwest::get(format!("http://{addr}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find(|l| l.starts_with(line_start))
-        .map_or(0.0, |l| l.rsplit(' ').next().unwrap().parse().unwrap())
-}
 
 /// True when the server closes `tcp` within `within` without a byte.
 async fn closed_at_once(tcp: &mut TcpStream, within: Duration) -> bool {
@@ -42,20 +29,9 @@ async fn connections_past_the_limit_are_closed_and_held_ones_keep_working() {
     let ep = ts.endpoint();
     let mut held = Vec::new();
     for _ in 0..3 {
-        let mut ca = meshsign::client::connect(&ep).await.unwrap();
-        meshsign::client::create_certificate(
-            &mut ca,
-            &meshsign::client::CertificateRequest {
-                csr_pem: wl.csr(),
-                ttl_seconds: 600,
-                token: Some(&token),
-                cluster_id: "Kubernetes",
-                impersonate: None,
-            },
-        )
-        .await
-        .unwrap();
-        held.push(ca);
+        let channel = meshsign::client::channel(&ep).await.unwrap();
+        wl.send_on(&channel, Some(&token)).await.unwrap();
+        held.push(channel);
     }
     let mut extra = TcpStream::connect(ts.server.local_addr).await.unwrap();
     assert!(
@@ -67,36 +43,22 @@ async fn connections_past_the_limit_are_closed_and_held_ones_keep_working() {
         "a 4th connection was served"
     );
     assert!(
-        metric(
-            &ts,
-            "meshsign_connections_refused_total{reason=\"max_connections\"}"
-        )
-        .await
+        ts.metric("meshsign_connections_refused_total{reason=\"max_connections\"}")
+            .await
             >= 2.0
     );
     // The held connections still work; releasing one makes room.
-    let mut first = held.remove(0);
-    meshsign::client::create_certificate(
-        &mut first,
-        &meshsign::client::CertificateRequest {
-            csr_pem: wl.csr(),
-            ttl_seconds: 600,
-            token: Some(&token),
-            cluster_id: "Kubernetes",
-            impersonate: None,
-        },
-    )
-    .await
-    .expect("a held connection keeps working");
+    let first = held.remove(0);
+    wl.send_on(&first, Some(&token))
+        .await
+        .expect("a held connection keeps working");
     drop(first);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while wl.obtain(&ep, Some(&token), 600).await.is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "no room after a connection closed"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(
+        "no room after a connection closed",
+        Duration::from_secs(5),
+        || async { wl.obtain(&ep, Some(&token), 600).await.is_ok() },
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -115,17 +77,13 @@ async fn stalled_handshakes_cannot_take_more_than_their_share() {
     let mut third = TcpStream::connect(ts.server.local_addr).await.unwrap();
     assert!(closed_at_once(&mut third, Duration::from_millis(500)).await);
     assert!(
-        metric(
-            &ts,
-            "meshsign_connections_refused_total{reason=\"max_handshakes\"}"
-        )
-        .await
+        ts.metric("meshsign_connections_refused_total{reason=\"max_handshakes\"}")
+            .await
             >= 1.0
     );
     // The handshake deadline frees the slots; workloads get through again.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while wl.obtain(&ts.endpoint(), Some(&token), 600).await.is_err() {
-        assert!(Instant::now() < deadline, "slots never freed");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually("slots never freed", Duration::from_secs(5), || async {
+        wl.obtain(&ts.endpoint(), Some(&token), 600).await.is_ok()
+    })
+    .await;
 }

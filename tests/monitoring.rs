@@ -69,13 +69,7 @@ async fn idle_slow_and_excess_monitoring_connections_are_closed() {
     // Released slots serve scrapes again.
     drop(held);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let text = reqwest::get(format!("http://{addr}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(text.contains("citadel_server_csr_count"));
+    assert_eq!(ts.metric("citadel_server_csr_count").await, 0.0);
 }
 
 #[tokio::test]
@@ -86,26 +80,17 @@ async fn a_token_less_flood_writes_a_bounded_number_of_log_lines() {
         "flood",
         meshsign::client::WorkloadKeyType::EcdsaP256,
     ));
-    let csr = wl.csr();
     let started = Instant::now();
     let tasks: Vec<_> = (0..20)
         .map(|_| {
-            let (ts, csr) = (ts.clone(), csr.clone());
+            let (ts, wl) = (ts.clone(), wl.clone());
             tokio::spawn(async move {
-                let mut ca = meshsign::client::connect(&ts.endpoint()).await.unwrap();
+                let channel = meshsign::client::channel(&ts.endpoint()).await.unwrap();
                 for _ in 0..50 {
-                    let r = meshsign::client::create_certificate(
-                        &mut ca,
-                        &meshsign::client::CertificateRequest {
-                            csr_pem: csr.clone(),
-                            ttl_seconds: 600,
-                            token: None,
-                            cluster_id: "Kubernetes",
-                            impersonate: None,
-                        },
-                    )
-                    .await;
-                    assert_eq!(r.unwrap_err().code(), tonic::Code::Unauthenticated);
+                    assert_eq!(
+                        wl.send_on(&channel, None).await,
+                        Err(tonic::Code::Unauthenticated)
+                    );
                 }
             })
         })
@@ -114,19 +99,7 @@ async fn a_token_less_flood_writes_a_bounded_number_of_log_lines() {
         t.await.unwrap();
     }
     let seconds = started.elapsed().as_secs() + 1;
-    let addr = ts.server.monitoring_addr.unwrap();
-    let text = reqwest::get(format!("http://{addr}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let suppressed: u64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("meshsign_log_lines_suppressed_total "))
-        .unwrap()
-        .parse()
-        .unwrap();
+    let suppressed = ts.metric("meshsign_log_lines_suppressed_total").await as u64;
     // 1000 refusals; at most REFUSAL_LOG_PER_SECOND lines in each second they spanned.
     let budget = u64::from(meshsign::server::service::REFUSAL_LOG_PER_SECOND) * (seconds + 1);
     assert!(

@@ -10,8 +10,7 @@ use std::time::Duration;
 
 use common::{TestServer, Workload};
 use hyper_util::rt::TokioIo;
-use meshsign::client::{self, CertificateRequest, WorkloadKeyType};
-use meshsign::proto::istio_certificate_service_client::IstioCertificateServiceClient;
+use meshsign::client::{self, WorkloadKeyType};
 use rustls::HandshakeKind;
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
@@ -45,23 +44,6 @@ async fn channel(
         .expect("connect")
 }
 
-async fn renew(channel: &Channel, wl: &Workload, token: Option<&str>) -> Result<(), Code> {
-    let mut ca = IstioCertificateServiceClient::new(channel.clone());
-    client::create_certificate(
-        &mut ca,
-        &CertificateRequest {
-            csr_pem: wl.csr(),
-            ttl_seconds: 3600,
-            token,
-            cluster_id: "Kubernetes",
-            impersonate: None,
-        },
-    )
-    .await
-    .map(|_| ())
-    .map_err(|s| s.code())
-}
-
 #[tokio::test]
 async fn an_expired_client_certificate_stops_authenticating_on_open_and_resumed_connections() {
     let ts = TestServer::dev("").await;
@@ -75,12 +57,12 @@ async fn an_expired_client_certificate_stops_authenticating_on_open_and_resumed_
     let kinds = Arc::new(Mutex::new(Vec::new()));
 
     let open = channel(&ep.addr, tls.clone(), kinds.clone()).await;
-    renew(&open, &wl, None)
+    wl.send_on(&open, None)
         .await
         .expect("mTLS renewal while the certificate is valid");
     // A second connection resumes the first one's session.
     let resumed = channel(&ep.addr, tls.clone(), kinds.clone()).await;
-    renew(&resumed, &wl, None)
+    wl.send_on(&resumed, None)
         .await
         .expect("resumed session, certificate still valid");
     assert_eq!(
@@ -93,15 +75,15 @@ async fn an_expired_client_certificate_stops_authenticating_on_open_and_resumed_
     tokio::time::sleep(Duration::try_from(wait).unwrap_or_default()).await;
 
     // The same connections, after expiry: refused.
-    assert_eq!(renew(&open, &wl, None).await, Err(Code::Unauthenticated));
-    assert_eq!(renew(&resumed, &wl, None).await, Err(Code::Unauthenticated));
+    assert_eq!(wl.send_on(&open, None).await, Err(Code::Unauthenticated));
+    assert_eq!(wl.send_on(&resumed, None).await, Err(Code::Unauthenticated));
     // A new connection resuming the old session cannot revive it either.
     let revived = channel(&ep.addr, tls.clone(), kinds.clone()).await;
     assert_eq!(kinds.lock().unwrap().last(), Some(&HandshakeKind::Resumed));
-    assert_eq!(renew(&revived, &wl, None).await, Err(Code::Unauthenticated));
+    assert_eq!(wl.send_on(&revived, None).await, Err(Code::Unauthenticated));
     // A valid token on the same connection still authenticates (istiod's
     // order: certificate, then token).
-    renew(&open, &wl, Some(&token))
+    wl.send_on(&open, Some(&token))
         .await
         .expect("token after the certificate expired");
 }
@@ -116,11 +98,11 @@ async fn connections_are_retired_at_max_connection_age() {
     let tls = Arc::new(client::client_tls_config(&ep).unwrap());
     let kinds = Arc::new(Mutex::new(Vec::new()));
     let ch = channel(&ep.addr, tls, kinds.clone()).await;
-    renew(&ch, &wl, Some(&token)).await.unwrap();
+    wl.send_on(&ch, Some(&token)).await.unwrap();
     assert_eq!(kinds.lock().unwrap().len(), 1);
     // Past age + grace the server has sent GOAWAY and closed the connection:
     // the client's next call goes over a new handshake.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    renew(&ch, &wl, Some(&token)).await.unwrap();
+    wl.send_on(&ch, Some(&token)).await.unwrap();
     assert_eq!(kinds.lock().unwrap().len(), 2, "a new connection was made");
 }

@@ -120,6 +120,37 @@ impl TestServer {
     pub fn token_with(&self, req: &TokenRequest<'_>) -> String {
         self.issuer.mint(req).expect("mint")
     }
+
+    /// The value of the first `/metrics` line starting with `line_start`
+    /// (0 when there is none yet).
+    pub async fn metric(&self, line_start: &str) -> f64 {
+        let addr = self.server.monitoring_addr.expect("monitoring configured");
+        let text = reqwest::get(format!("http://{addr}/metrics"))
+            .await
+            .expect("scrape")
+            .text()
+            .await
+            .expect("scrape body");
+        text.lines()
+            .find(|l| l.starts_with(line_start))
+            .map_or(0.0, |l| l.rsplit(' ').next().unwrap().parse().unwrap())
+    }
+}
+
+/// Polls `check` every 100 ms until it is true; panics with `what` after `within`.
+pub async fn eventually<F, Fut>(what: &str, within: std::time::Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + within;
+    while !check().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within {within:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
 
 /// A workload: a key, its identity, and what it was issued.
@@ -166,6 +197,32 @@ impl Workload {
             client::verify_response(&elements, &self.key, &self.id, OffsetDateTime::now_utc())
                 .map_err(|e| (Code::Internal, format!("response does not verify: {e}")))?;
         Ok((elements, issued))
+    }
+
+    /// One request for this workload's identity over an existing channel
+    /// (istio-agent's shape); the answer is not verified.
+    pub async fn send_on(
+        &self,
+        channel: &tonic::transport::Channel,
+        token: Option<&str>,
+    ) -> Result<(), Code> {
+        let mut ca =
+            meshsign::proto::istio_certificate_service_client::IstioCertificateServiceClient::new(
+                channel.clone(),
+            );
+        client::create_certificate(
+            &mut ca,
+            &CertificateRequest {
+                csr_pem: self.csr(),
+                ttl_seconds: 600,
+                token,
+                cluster_id: "Kubernetes",
+                impersonate: None,
+            },
+        )
+        .await
+        .map(|_| ())
+        .map_err(|s| s.code())
     }
 
     /// mTLS identity for renewal: chain (leaf + intermediates) and key PEM.
