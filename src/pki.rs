@@ -307,6 +307,35 @@ pub fn verify_chain(
     Ok(())
 }
 
+/// The intersection of the validity periods of a certificate chain, in Unix
+/// seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ValidityWindow {
+    pub not_before: i64,
+    pub not_after: i64,
+}
+
+impl ValidityWindow {
+    /// The window of `chain`; `None` if a certificate does not parse.
+    pub fn of(chain: &[CertificateDer<'_>]) -> Option<ValidityWindow> {
+        let mut window = ValidityWindow {
+            not_before: i64::MIN,
+            not_after: i64::MAX,
+        };
+        for der in chain {
+            let cert = parse_cert(der).ok()?;
+            let v = cert.validity();
+            window.not_before = window.not_before.max(v.not_before.timestamp());
+            window.not_after = window.not_after.min(v.not_after.timestamp());
+        }
+        (!chain.is_empty()).then_some(window)
+    }
+
+    pub fn contains(&self, unix: i64) -> bool {
+        self.not_before <= unix && unix <= self.not_after
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

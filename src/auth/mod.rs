@@ -24,6 +24,7 @@ use x509_parser::extensions::GeneralName;
 use crate::clock::{Clock, SystemClock};
 use crate::k8s::tokenreview::ReviewError;
 use crate::k8s::{Cluster, Clusters, TokenCheck};
+use crate::pki::ValidityWindow;
 use crate::spiffe::SpiffeId;
 
 pub use jwt::{JwtAuthenticator, JwtError, JwtIssuer};
@@ -72,9 +73,9 @@ pub struct Credentials<'a> {
     pub bearer_token: Option<&'a str>,
     /// The client's leaf certificate, if it presented one (already chain-verified).
     pub client_certificate: Option<&'a CertificateDer<'static>>,
-    /// `(not_before, not_after)` of the client's whole chain, Unix seconds:
-    /// checked on every request (`None` with a certificate: refused).
-    pub client_certificate_validity: Option<(i64, i64)>,
+    /// When the client's whole chain is valid: checked on every request
+    /// (`None` with a certificate: refused).
+    pub client_certificate_validity: Option<ValidityWindow>,
     /// The `clusterid` header ("" when absent or sent more than once).
     pub cluster_id: &'a str,
 }
@@ -125,7 +126,6 @@ pub struct Authenticator {
     client_certificates: bool,
     trust_domains: Vec<String>,
     tokens: TokenAuth,
-    clock: Arc<dyn Clock>,
 }
 
 impl Authenticator {
@@ -139,14 +139,7 @@ impl Authenticator {
             client_certificates,
             trust_domains,
             tokens: TokenAuth::Issuers(jwt),
-            clock: Arc::new(SystemClock),
         }
-    }
-
-    /// Reads "now" from `clock` (tests).
-    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
-        self.clock = clock;
-        self
     }
 
     /// Bearer tokens are checked by the cluster each request names instead.
@@ -155,24 +148,16 @@ impl Authenticator {
         self
     }
 
-    /// The clusters, when configured.
-    pub fn clusters(&self) -> Option<&Arc<Clusters>> {
-        match &self.tokens {
-            TokenAuth::Clusters(c) => Some(c),
-            TokenAuth::Issuers(_) => None,
-        }
-    }
-
     /// Authenticates a request; see the module docs for the order.
     pub async fn authenticate(&self, creds: Credentials<'_>) -> Result<CallerIdentity, AuthError> {
         let mut err = AuthError::default();
         if let Some(cert) = creds.client_certificate {
             // The handshake checked the chain then; the connection (or a
             // resumed session) may have outlived it since.
-            let now = i64::try_from(self.clock.now_unix()).unwrap_or(i64::MAX);
+            let now = i64::try_from(SystemClock.now_unix()).unwrap_or(i64::MAX);
             let current = creds
                 .client_certificate_validity
-                .is_some_and(|(not_before, not_after)| not_before <= now && now <= not_after);
+                .is_some_and(|w| w.contains(now));
             if !current {
                 err.reasons.push(
                     "client certificate: expired or not yet valid (checked on every request)"

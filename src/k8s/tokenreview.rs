@@ -303,13 +303,6 @@ impl CachedTokenReview {
         })
     }
 
-    /// How many reviews were sent to the reviewer.
-    pub fn reviews_sent(&self) -> u64 {
-        self.counters.authenticated.get()
-            + self.counters.refused.get()
-            + self.counters.unavailable.get()
-    }
-
     /// Entries held (finished and in flight).
     pub fn len(&self) -> usize {
         self.entries.lock().map_or(0, |e| e.len())

@@ -98,9 +98,7 @@ impl CertificateService {
         let creds = Credentials {
             bearer_token: bearer_token(metadata),
             client_certificate: peer.and_then(|p| p.client_certificate.as_ref()),
-            client_certificate_validity: peer
-                .and_then(|p| p.client_certificate_validity)
-                .map(|w| (w.not_before, w.not_after)),
+            client_certificate_validity: peer.and_then(|p| p.client_certificate_validity),
             cluster_id: cluster_id(metadata),
         };
         let caller = match self.authenticator.authenticate(creds).await {

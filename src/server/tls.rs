@@ -43,36 +43,7 @@ pub struct PeerInfo {
     /// Checked on every request, not only at the handshake: a connection,
     /// or a resumed TLS session, outliving the certificate must not keep
     /// its identity.
-    pub client_certificate_validity: Option<ValidityWindow>,
-}
-
-/// The intersection of the validity periods of a certificate chain, in Unix
-/// seconds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ValidityWindow {
-    pub not_before: i64,
-    pub not_after: i64,
-}
-
-impl ValidityWindow {
-    /// The window of `chain`; `None` if a certificate does not parse.
-    pub fn of(chain: &[CertificateDer<'_>]) -> Option<ValidityWindow> {
-        let mut window = ValidityWindow {
-            not_before: i64::MIN,
-            not_after: i64::MAX,
-        };
-        for der in chain {
-            let cert = crate::pki::parse_cert(der).ok()?;
-            let v = cert.validity();
-            window.not_before = window.not_before.max(v.not_before.timestamp());
-            window.not_after = window.not_after.min(v.not_after.timestamp());
-        }
-        (!chain.is_empty()).then_some(window)
-    }
-
-    pub fn contains(&self, unix: i64) -> bool {
-        self.not_before <= unix && unix <= self.not_after
-    }
+    pub client_certificate_validity: Option<crate::pki::ValidityWindow>,
 }
 
 /// An accepted connection, TLS or (insecure mode) plaintext.
@@ -307,7 +278,7 @@ pub fn incoming(
                         // certificates the client presented originally.
                         let chain = stream.get_ref().1.peer_certificates().unwrap_or(&[]);
                         let client_certificate = chain.first().map(|c| c.clone().into_owned());
-                        let client_certificate_validity = ValidityWindow::of(chain);
+                        let client_certificate_validity = crate::pki::ValidityWindow::of(chain);
                         let peer = PeerInfo {
                             remote: Some(remote),
                             tls: true,
