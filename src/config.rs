@@ -46,6 +46,7 @@ struct FileConfig {
     authn: FileAuthn,
     policy: FilePolicy,
     limits: FileLimits,
+    rate_limits: FileRateLimits,
     monitoring: FileMonitoring,
     kubernetes: Option<FileKubernetes>,
 }
@@ -68,6 +69,7 @@ impl Default for FileConfig {
             authn: FileAuthn::default(),
             policy: FilePolicy::default(),
             limits: FileLimits::default(),
+            rate_limits: FileRateLimits::default(),
             monitoring: FileMonitoring::default(),
             kubernetes: None,
         }
@@ -233,6 +235,51 @@ struct FileLimits {
     max_connections: usize,
     max_concurrent_handshakes: usize,
     listen_backlog: u32,
+    max_header_list_bytes: u32,
+    idle_timeout: String,
+    body_timeout: String,
+    drain_timeout: String,
+    stream_budget: FileBudget,
+    reset_budget: FileBudget,
+    max_signing_queue: usize,
+}
+
+/// A token bucket as written: `{ per_second, burst }`.
+#[derive(Debug, Deserialize, Clone, Copy)]
+#[serde(deny_unknown_fields)]
+struct FileBudget {
+    per_second: f64,
+    #[serde(default)]
+    burst: u32,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileRateLimits {
+    per_caller: FileBudget,
+    per_node_agent: FileBudget,
+    failed_auth_per_address: FileBudget,
+    max_tracked: usize,
+}
+
+impl Default for FileRateLimits {
+    fn default() -> Self {
+        Self {
+            per_caller: FileBudget {
+                per_second: 10.0,
+                burst: 100,
+            },
+            per_node_agent: FileBudget {
+                per_second: 100.0,
+                burst: 1000,
+            },
+            failed_auth_per_address: FileBudget {
+                per_second: 10.0,
+                burst: 100,
+            },
+            max_tracked: 100_000,
+        }
+    }
 }
 
 impl Default for FileLimits {
@@ -247,6 +294,19 @@ impl Default for FileLimits {
             max_connections: 20_000,
             max_concurrent_handshakes: 1024,
             listen_backlog: 4096,
+            max_header_list_bytes: 32 * 1024,
+            idle_timeout: "5m".into(),
+            body_timeout: "10s".into(),
+            drain_timeout: "15s".into(),
+            stream_budget: FileBudget {
+                per_second: 2000.0,
+                burst: 4000,
+            },
+            reset_budget: FileBudget {
+                per_second: 10.0,
+                burst: 200,
+            },
+            max_signing_queue: 4096,
         }
     }
 }
@@ -476,6 +536,52 @@ pub struct Limits {
     pub max_concurrent_handshakes: usize,
     /// The listen queue length asked of the kernel (capped by `net.core.somaxconn`).
     pub listen_backlog: u32,
+    /// Largest HTTP/2 header list a request may send (decoded size).
+    pub max_header_list_bytes: u32,
+    /// A connection with no call in flight for this long gets a graceful
+    /// GOAWAY; PINGs do not count as activity. Zero = never.
+    pub idle_timeout: Duration,
+    /// How long a request's body may take to arrive after its headers.
+    pub body_timeout: Duration,
+    /// On shutdown, how long in-flight calls may run before connections close.
+    pub drain_timeout: Duration,
+    /// Streams one connection may open (a client over it is sent a GOAWAY and reconnects).
+    pub stream_budget: Budget,
+    /// Streams one connection may abandon (RST_STREAM before its answer); over it: GOAWAY.
+    pub reset_budget: Budget,
+    /// Signatures waiting for a signer thread; past it requests get `RESOURCE_EXHAUSTED`.
+    pub max_signing_queue: usize,
+}
+
+/// A token bucket: `burst` at once, refilled at `per_second`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Budget {
+    pub per_second: f64,
+    pub burst: u32,
+}
+
+impl Budget {
+    /// A budget with `per_second: 0` is switched off.
+    pub fn is_enabled(&self) -> bool {
+        self.per_second > 0.0
+    }
+}
+
+/// Per-identity and per-address request budgets (over one: `RESOURCE_EXHAUSTED`).
+#[derive(Debug, Clone)]
+pub struct RateLimits {
+    /// Requests per authenticated caller: its identity, and its pod when the
+    /// credential names one (bound service-account tokens do).
+    pub per_caller: Budget,
+    /// Requests per trusted node agent (ztunnel) instance, i.e. per node:
+    /// it asks for every pod on its node under one identity.
+    pub per_node_agent: Budget,
+    /// Failed authentications per remote address (IPv6: per /64); while it is
+    /// spent, that address's requests without a verified client certificate
+    /// are refused before any token is checked.
+    pub failed_auth_per_address: Budget,
+    /// Callers and addresses tracked at once (memory bound).
+    pub max_tracked: usize,
 }
 
 /// Everything meshsign needs to run, validated.
@@ -491,6 +597,7 @@ pub struct Config {
     pub policy: Policy,
     pub key_policy: KeyPolicy,
     pub limits: Limits,
+    pub rate_limits: RateLimits,
     /// Where `/metrics` and `/healthz/*` are served; `None` = not at all.
     pub monitoring_listen: Option<SocketAddr>,
     /// Kubernetes clusters (TokenReview, node authorization, root
@@ -547,6 +654,26 @@ fn duration(key: &str, value: &str) -> Result<Duration, ConfigError> {
             key,
             format!("invalid duration {value:?}: {e} (examples: 90s, 2m, 24h, 2160h)"),
         )
+    })
+}
+
+/// A token bucket: `per_second` 0 switches it off; otherwise `burst` ≥ 1.
+fn budget(key: &str, b: FileBudget) -> Result<Budget, ConfigError> {
+    if !b.per_second.is_finite() || b.per_second < 0.0 || b.per_second > 1e9 {
+        return Err(invalid(
+            &format!("{key}.per_second"),
+            "must be between 0 (off) and 1e9",
+        ));
+    }
+    if b.per_second > 0.0 && b.burst == 0 {
+        return Err(invalid(
+            &format!("{key}.burst"),
+            "must be at least 1 (or set per_second: 0 to switch the budget off)",
+        ));
+    }
+    Ok(Budget {
+        per_second: b.per_second,
+        burst: b.burst,
     })
 }
 
@@ -835,7 +962,57 @@ impl FileConfig {
             max_connections: l.max_connections,
             max_concurrent_handshakes: l.max_concurrent_handshakes,
             listen_backlog: l.listen_backlog,
+            max_header_list_bytes: l.max_header_list_bytes,
+            idle_timeout: duration("limits.idle_timeout", &l.idle_timeout)?,
+            body_timeout: duration("limits.body_timeout", &l.body_timeout)?,
+            drain_timeout: duration("limits.drain_timeout", &l.drain_timeout)?,
+            stream_budget: budget("limits.stream_budget", l.stream_budget)?,
+            reset_budget: budget("limits.reset_budget", l.reset_budget)?,
+            max_signing_queue: l.max_signing_queue,
         };
+        if !(4096..=1024 * 1024).contains(&limits.max_header_list_bytes) {
+            return Err(invalid(
+                "limits.max_header_list_bytes",
+                "must be between 4096 and 1048576",
+            ));
+        }
+        if !limits.idle_timeout.is_zero() && limits.idle_timeout < Duration::from_secs(1) {
+            return Err(invalid(
+                "limits.idle_timeout",
+                "must be 0s (never) or at least 1s",
+            ));
+        }
+        if !(Duration::from_millis(100)..=limits.request_timeout).contains(&limits.body_timeout) {
+            return Err(invalid(
+                "limits.body_timeout",
+                "must be between 100ms and limits.request_timeout",
+            ));
+        }
+        if limits.drain_timeout > Duration::from_secs(600) {
+            return Err(invalid("limits.drain_timeout", "must be at most 10m"));
+        }
+        if !(1..=1_000_000).contains(&limits.max_signing_queue) {
+            return Err(invalid(
+                "limits.max_signing_queue",
+                "must be between 1 and 1000000",
+            ));
+        }
+        let r = &self.rate_limits;
+        let rate_limits = RateLimits {
+            per_caller: budget("rate_limits.per_caller", r.per_caller)?,
+            per_node_agent: budget("rate_limits.per_node_agent", r.per_node_agent)?,
+            failed_auth_per_address: budget(
+                "rate_limits.failed_auth_per_address",
+                r.failed_auth_per_address,
+            )?,
+            max_tracked: r.max_tracked,
+        };
+        if !(1..=10_000_000).contains(&rate_limits.max_tracked) {
+            return Err(invalid(
+                "rate_limits.max_tracked",
+                "must be between 1 and 10000000",
+            ));
+        }
         if !(1..=1_000_000).contains(&limits.max_connections) {
             return Err(invalid(
                 "limits.max_connections",
@@ -906,6 +1083,7 @@ impl FileConfig {
             policy,
             key_policy,
             limits,
+            rate_limits,
         })
     }
 }

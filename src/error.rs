@@ -38,6 +38,10 @@ pub enum RequestError {
     Sign(#[from] SignError),
     #[error("signing task failed: {0}")]
     Internal(String),
+    #[error("rate limit {} spent", .0.label())]
+    RateLimited(crate::ratelimit::Spent),
+    #[error("overloaded: {0}")]
+    Overloaded(SignError),
 }
 
 impl RequestError {
@@ -54,6 +58,7 @@ impl RequestError {
             RequestError::Policy(p) if p.is_invalid_argument() => Code::InvalidArgument,
             RequestError::Policy(_) => Code::PermissionDenied,
             RequestError::Sign(_) | RequestError::Internal(_) => Code::Internal,
+            RequestError::RateLimited(_) | RequestError::Overloaded(_) => Code::ResourceExhausted,
         }
     }
 
@@ -102,6 +107,10 @@ impl RequestError {
             RequestError::Policy(e) => e.to_string(),
             RequestError::Sign(e) => format!("CSR signing error ({e})"),
             RequestError::Internal(_) => "CSR signing error (internal error)".to_owned(),
+            RequestError::RateLimited(spent) => {
+                format!("rate limit exceeded ({}), retry later", spent.label())
+            }
+            RequestError::Overloaded(_) => "CA overloaded, retry later".to_owned(),
         };
         Status::new(self.code(), message)
     }
@@ -120,6 +129,20 @@ mod tests {
         let s = e.to_status();
         assert_eq!(s.code(), Code::Unauthenticated);
         assert_eq!(s.message(), "request authenticate failure");
+    }
+
+    #[test]
+    fn shed_load_is_resource_exhausted_which_agents_retry() {
+        for e in [
+            RequestError::RateLimited(crate::ratelimit::Spent::Caller),
+            RequestError::RateLimited(crate::ratelimit::Spent::NodeAgent),
+            RequestError::RateLimited(crate::ratelimit::Spent::FailedAuthentications),
+            RequestError::Overloaded(SignError::Overloaded { queued: 4096 }),
+        ] {
+            assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+            assert!(!e.is_authentication_failure());
+            assert_eq!(e.istio_error_type(), None);
+        }
     }
 
     #[test]

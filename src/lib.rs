@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod pki;
 pub mod policy;
 pub mod proto;
+pub mod ratelimit;
 pub mod server;
 pub mod spiffe;
 pub mod supervise;

@@ -103,6 +103,10 @@ enum CaCommand {
     Check {
         /// The bundle directory.
         dir: PathBuf,
+        /// The trust domain the test signing is for (matters for an
+        /// intermediate with URI name constraints).
+        #[arg(long, default_value = meshsign::ca::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
     },
 }
 
@@ -248,7 +252,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve(args).await,
             Command::Ca(CaCommand::Init(args)) => ca_init(args),
-            Command::Ca(CaCommand::Check { dir }) => ca_check(&dir),
+            Command::Ca(CaCommand::Check { dir, trust_domain }) => ca_check(&dir, &trust_domain),
             Command::Token(args) => token(args),
             Command::Request(args) => request(args).await,
         }
@@ -415,12 +419,12 @@ fn ca_init(args: InitArgs) -> Result<(), String> {
     Ok(())
 }
 
-fn ca_check(dir: &Path) -> Result<(), String> {
+fn ca_check(dir: &Path, trust_domain: &str) -> Result<(), String> {
     let now = OffsetDateTime::now_utc();
     let bundle = CaBundle::load(dir, now).map_err(|e| format!("bundle rejected: {e}"))?;
     println!("{}: {}", dir.display(), bundle.layout);
     print_summaries(&bundle.describe(), now);
-    let ca = Ca::new(bundle, now).map_err(|e| format!("bundle rejected: {e}"))?;
+    let ca = Ca::new(bundle, trust_domain, now).map_err(|e| format!("bundle rejected: {e}"))?;
     let b = ca.bundle();
     println!(
         "signing key: {} ({:?}); leaves expire no later than {} ({} days from now)",

@@ -49,6 +49,17 @@ pub struct Metrics {
     pub log_suppressed: IntCounter,
     /// `meshsign_connections_refused_total{reason}`: closed at accept by a limit.
     pub connections_refused: IntCounterVec,
+    /// `meshsign_connections_closed_total{reason}`: GOAWAYs meshsign sent
+    /// (max_age, idle, stream_budget, reset_budget, shutdown) and connections
+    /// closed when their grace ran out (forced).
+    pub connections_closed: IntCounterVec,
+    /// `meshsign_requests_refused_early_total{reason}`: calls refused before
+    /// the CA service read them (body_timeout, too_large, decode, stream_budget,
+    /// unimplemented, deadline).
+    pub refused_early: IntCounterVec,
+    /// `meshsign_requests_shed_total{reason}`: calls refused by a rate limit
+    /// or a full signing queue.
+    pub shed: IntCounterVec,
     root_expiry: Gauge,
     root_expiry_seconds: Gauge,
     chain_expiry: Gauge,
@@ -137,7 +148,34 @@ impl Metrics {
                 &["reason"],
             )?,
         )?;
+        let labelled = |name: &str, help: &str, label: &str| {
+            register(
+                &registry,
+                IntCounterVec::new(Opts::new(name, help), &[label])?,
+            )
+        };
+        let connections_closed = labelled(
+            "meshsign_connections_closed_total",
+            "Connections sent a GOAWAY by meshsign, by reason (max_age, idle, stream_budget, \
+             reset_budget, shutdown), and connections closed because their grace ran out (forced).",
+            "reason",
+        )?;
+        let refused_early = labelled(
+            "meshsign_requests_refused_early_total",
+            "Calls refused before the CA service read them, by reason (body_timeout, too_large, \
+             decode, stream_budget, unimplemented, deadline).",
+            "reason",
+        )?;
+        let shed = labelled(
+            "meshsign_requests_shed_total",
+            "CreateCertificate calls refused with RESOURCE_EXHAUSTED, by reason (per_caller, \
+             per_node_agent, failed_auth_per_address, signing_queue).",
+            "reason",
+        )?;
         Ok(Metrics {
+            connections_closed,
+            refused_early,
+            shed,
             connections_refused,
             log_suppressed: counter(
                 "meshsign_log_lines_suppressed_total",

@@ -307,6 +307,52 @@ pub fn verify_chain(
     Ok(())
 }
 
+/// The URI name constraints (RFC 5280 §4.2.1.10) of one CA certificate:
+/// host patterns, `host` or `.domain`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UriConstraints {
+    pub permitted: Vec<String>,
+    pub excluded: Vec<String>,
+}
+
+impl UriConstraints {
+    /// The URI constraints of `cert`; `None` when it has none.
+    pub fn of(cert: &CertificateDer<'_>) -> Result<Option<UriConstraints>, String> {
+        use x509_parser::extensions::{GeneralName, ParsedExtension};
+        let parsed = parse_cert(cert)?;
+        let mut found = UriConstraints::default();
+        for ext in parsed.iter_extensions() {
+            if let ParsedExtension::NameConstraints(nc) = ext.parsed_extension() {
+                let uris = |subtrees: &Option<Vec<x509_parser::extensions::GeneralSubtree<'_>>>| {
+                    subtrees
+                        .iter()
+                        .flatten()
+                        .filter_map(|t| match t.base {
+                            GeneralName::URI(u) => Some(u.to_ascii_lowercase()),
+                            _ => None,
+                        })
+                        .collect::<Vec<_>>()
+                };
+                found.permitted.extend(uris(&nc.permitted_subtrees));
+                found.excluded.extend(uris(&nc.excluded_subtrees));
+            }
+        }
+        Ok((!found.permitted.is_empty() || !found.excluded.is_empty()).then_some(found))
+    }
+
+    /// Whether a URI with host `host` satisfies these constraints: "a.b"
+    /// matches that host only, ".b" any host below b (not b itself).
+    pub fn permits_host(&self, host: &str) -> bool {
+        let host = host.to_ascii_lowercase();
+        let matches = |pattern: &String| match pattern.strip_prefix('.') {
+            Some(_) => host.ends_with(pattern.as_str()) && host.len() > pattern.len(),
+            None => host == *pattern,
+        };
+        (self.permitted.is_empty() || self.permitted.iter().any(matches))
+            && !self.excluded.iter().any(matches)
+    }
+}
+
 /// The intersection of the validity periods of a certificate chain, in Unix
 /// seconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

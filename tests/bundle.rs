@@ -183,7 +183,7 @@ fn kubernetes_tls_layout_loads() {
     copy(&samples, "root-cert.pem", dir.path(), "ca.crt");
     let bundle = CaBundle::load(dir.path(), OffsetDateTime::now_utc()).unwrap();
     assert_eq!(bundle.layout, Layout::KubernetesTls);
-    let ca = Ca::new(bundle, OffsetDateTime::now_utc()).unwrap();
+    let ca = Ca::new(bundle, "cluster.local", OffsetDateTime::now_utc()).unwrap();
     // [tls.crt certs..., ca.crt certs..., ca.crt], as istiod.
     assert_eq!(ca.response_tail().len(), 3);
 }
@@ -204,6 +204,70 @@ fn every_supported_ca_key_type_signs() {
         generate::write_istio_layout(dir.path(), &inter, &inter.cert_pem, &root.cert_pem).unwrap();
         Ca::load(dir.path(), now).unwrap_or_else(|e| panic!("{kt}: {e}"));
     }
+}
+
+/// DER of a NameConstraints extension value permitting URI hosts `permitted`.
+fn uri_name_constraints(permitted: &[&str]) -> Vec<u8> {
+    fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
+        assert!(content.len() < 128);
+        let mut out = vec![tag, content.len() as u8];
+        out.extend_from_slice(content);
+        out
+    }
+    let subtrees: Vec<u8> = permitted
+        .iter()
+        .flat_map(|host| tlv(0x30, &tlv(0x86, host.as_bytes())))
+        .collect();
+    tlv(0x30, &tlv(0xa0, &subtrees))
+}
+
+#[test]
+fn an_intermediate_with_uri_name_constraints_loads_for_its_own_trust_domain_only() {
+    use rcgen::{BasicConstraints, CertificateParams, CustomExtension, IsCa, Issuer, KeyPair};
+    let now = OffsetDateTime::now_utc();
+    let params = |cn: &str| {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        p.not_before = now - Duration::minutes(5);
+        p.not_after = now + Duration::days(10);
+        p
+    };
+    let root_key = KeyPair::generate().unwrap();
+    let root_params = params("constrained root");
+    let root = root_params.self_signed(&root_key).unwrap();
+    let root_issuer = Issuer::new(root_params, root_key);
+    let inter_key = KeyPair::generate().unwrap();
+    let mut inter_params = params("constrained intermediate");
+    let mut nc = CustomExtension::from_oid_content(
+        &[2, 5, 29, 30],
+        uri_name_constraints(&["mesh.example.org"]),
+    );
+    nc.set_criticality(true);
+    inter_params.custom_extensions.push(nc);
+    inter_params.use_authority_key_identifier_extension = true;
+    let inter = inter_params.signed_by(&inter_key, &root_issuer).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+    write("ca-cert.pem", &inter.pem());
+    write("ca-key.pem", &inter_key.serialize_pem());
+    write("cert-chain.pem", &inter.pem());
+    write("root-cert.pem", &root.pem());
+
+    let ca = Ca::load_for(dir.path(), "mesh.example.org", now)
+        .unwrap_or_else(|e| panic!("a permitted trust domain must load: {e}"));
+    assert_eq!(ca.uri_name_constraints().unwrap().len(), 1);
+    ca.self_test(now).unwrap();
+    // Outside the constraints: refused at start-up, with the reason.
+    let err = Ca::load_for(dir.path(), "cluster.local", now)
+        .expect_err("a trust domain outside the constraints must be refused")
+        .to_string();
+    assert!(err.contains("name constraints"), "{err}");
 }
 
 #[tokio::test]

@@ -265,9 +265,11 @@ async fn a_thousand_renewals_with_one_token_cost_one_review() {
     let token = k
         .token(&ns, "sleep", "istio-ca", Some(("sleep-1", &uid)))
         .await;
+    // One pod asking 1,000 times is far over its rate limit: switched off
+    // here, as this measures the review cache.
     let ts = std::sync::Arc::new(
         TestServer::dev(&format!(
-            "kubernetes:\n  clusters:\n{}",
+            "rate_limits: {{ per_caller: {{ per_second: 0 }} }}\nkubernetes:\n  clusters:\n{}",
             cluster_entry("Kubernetes", &[], api)
         ))
         .await,
@@ -712,4 +714,67 @@ async fn the_server_publishes_its_roots_into_selected_namespaces() {
         .spec
         .and_then(|s| s.holder_identity)
         .is_some_and(|h| !h.is_empty()));
+}
+
+#[tokio::test]
+async fn each_node_agent_has_its_own_budget_apart_from_its_callers_budget() {
+    let Some(api) = KubeApiServer::shared() else {
+        return;
+    };
+    let k = Kube::new(api).await;
+    let (zt, app, node) = (unique("zt"), unique("app"), unique("node"));
+    k.namespace(&zt, &[]).await;
+    k.namespace(&app, &[]).await;
+    k.service_account(&zt, "ztunnel").await;
+    k.service_account(&app, "sleep").await;
+    let uid_a = k.pod(&zt, "ztunnel-a", "ztunnel", &node).await;
+    let uid_b = k.pod(&zt, "ztunnel-b", "ztunnel", &node).await;
+    k.pod(&app, "sleep-1", "sleep", &node).await;
+    let ts = TestServer::dev(&format!(
+        "rate_limits: {{ per_node_agent: {{ per_second: 0.01, burst: 2 }} }}\n\
+         kubernetes:\n  clusters:\n{}  trusted_node_accounts: [\"{zt}/ztunnel\"]\n",
+        cluster_entry("Kubernetes", &[], api),
+    ))
+    .await;
+    let ready = format!(
+        "http://{}/healthz/ready",
+        ts.server.monitoring_addr.expect("monitoring")
+    );
+    eventually("ready", Duration::from_secs(10), || async {
+        reqwest::get(&ready).await.unwrap().status() == 200
+    })
+    .await;
+    let sleep_id = format!("spiffe://cluster.local/ns/{app}/sa/sleep");
+    let sleep = Workload::new(&app, "sleep", WorkloadKeyType::EcdsaP256);
+    let token_a = k
+        .token(&zt, "ztunnel", "istio-ca", Some(("ztunnel-a", &uid_a)))
+        .await;
+    let token_b = k
+        .token(&zt, "ztunnel", "istio-ca", Some(("ztunnel-b", &uid_b)))
+        .await;
+    for _ in 0..2 {
+        as_ztunnel(&ts, &sleep, &token_a, "Kubernetes", &sleep_id)
+            .await
+            .expect("within the node agent's budget");
+    }
+    assert_eq!(
+        as_ztunnel(&ts, &sleep, &token_a, "Kubernetes", &sleep_id)
+            .await
+            .err(),
+        Some(Code::ResourceExhausted)
+    );
+    // Another ztunnel instance (another node's, in a real cluster) has its own budget...
+    as_ztunnel(&ts, &sleep, &token_b, "Kubernetes", &sleep_id)
+        .await
+        .expect("a second node agent is not throttled by the first");
+    // ...and ztunnel's certificate for itself comes from its caller budget.
+    let own = Workload::new(&zt, "ztunnel", WorkloadKeyType::EcdsaP256);
+    request(&ts, &own, CsrSubject::Empty, &token_a, "Kubernetes", None)
+        .await
+        .expect("ztunnel's own certificate");
+    assert_eq!(
+        ts.metric("meshsign_requests_shed_total{reason=\"per_node_agent\"}")
+            .await,
+        1.0
+    );
 }

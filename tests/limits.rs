@@ -1,16 +1,29 @@
-//! Connection limits: past `limits.max_connections` open connections, or
-//! `limits.max_concurrent_handshakes` handshakes in progress, a new
-//! connection is accepted and closed at once (never left hanging), counted,
-//! and the server keeps serving the connections it holds.
+//! Limits, each hit on purpose and answered with its documented code:
+//!
+//! - past `limits.max_connections` open connections, or
+//!   `limits.max_concurrent_handshakes` handshakes in progress, a new
+//!   connection is accepted and closed at once (never left hanging), counted,
+//!   and the server keeps serving the connections it holds;
+//! - an idle connection is sent away even while it answers PINGs;
+//! - a request body that does not follow its headers in time is refused
+//!   (`DEADLINE_EXCEEDED`);
+//! - a connection that abandons too many streams after the server accepted
+//!   them (the late-reset attack), or opens streams faster than its budget,
+//!   gets a GOAWAY;
+//! - per-caller and failed-authentication rate limits answer
+//!   `RESOURCE_EXHAUSTED`, per pod and per address.
 
 mod common;
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use common::{eventually, TestServer, Workload};
 use meshsign::client::WorkloadKeyType;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
+use tonic::Code;
 
 /// True when the server closes `tcp` within `within` without a byte.
 async fn closed_at_once(tcp: &mut TcpStream, within: Duration) -> bool {
@@ -86,4 +99,234 @@ async fn stalled_handshakes_cannot_take_more_than_their_share() {
         wl.obtain(&ts.endpoint(), Some(&token), 600).await.is_ok()
     })
     .await;
+}
+
+/// A raw HTTP/2 connection (h2 over TLS) to the test server, for what a
+/// well-behaved gRPC client never does.
+struct RawConn {
+    send: h2::client::SendRequest<Bytes>,
+    ping: Option<h2::PingPong>,
+    /// Resolves when the connection is closed.
+    driver: tokio::task::JoinHandle<Result<(), h2::Error>>,
+}
+
+impl RawConn {
+    async fn open(ts: &TestServer) -> RawConn {
+        let config = meshsign::client::client_tls_config(&ts.endpoint()).unwrap();
+        let tcp = TcpStream::connect(ts.server.local_addr).await.unwrap();
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        let (send, mut conn) = h2::client::handshake(tls).await.unwrap();
+        let ping = conn.ping_pong();
+        let driver = tokio::spawn(conn);
+        RawConn { send, ping, driver }
+    }
+
+    /// Opens a CreateCertificate stream: headers sent, body not.
+    async fn open_stream(
+        &mut self,
+        token: &str,
+    ) -> Result<(h2::client::ResponseFuture, h2::SendStream<Bytes>), h2::Error> {
+        let request = http::Request::builder()
+            .method("POST")
+            .uri("https://localhost/istio.v1.auth.IstioCertificateService/CreateCertificate")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .header("authorization", format!("Bearer {token}"))
+            .body(())
+            .unwrap();
+        let mut send = self.send.clone().ready().await?;
+        send.send_request(request, false)
+    }
+
+    /// Whether the server closed the connection within `within`.
+    async fn closed_within(&mut self, within: Duration) -> bool {
+        tokio::time::timeout(within, &mut self.driver).await.is_ok()
+    }
+}
+
+fn grpc_status(response: &http::Response<h2::RecvStream>) -> Option<Code> {
+    response
+        .headers()
+        .get("grpc-status")
+        .map(|v| Code::from_bytes(v.as_bytes()))
+}
+
+#[tokio::test]
+async fn idle_connections_are_sent_away_even_when_they_answer_pings() {
+    let ts = TestServer::dev("limits: { idle_timeout: 1s }\n").await;
+    let mut conn = RawConn::open(&ts).await;
+    let mut ping = conn.ping.take().expect("ping_pong");
+    // The client keeps pinging (and answers the server's PINGs): that is not
+    // a call, so the connection is idle and must be closed.
+    let pinger = tokio::spawn(async move {
+        loop {
+            if ping.ping(h2::Ping::opaque()).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    assert!(
+        conn.closed_within(Duration::from_secs(5)).await,
+        "an idle connection answering PINGs was kept open"
+    );
+    pinger.abort();
+    assert_eq!(
+        ts.metric("meshsign_connections_closed_total{reason=\"idle\"}")
+            .await,
+        1.0
+    );
+    // A connection with a call in flight is not idle: a held call outlives
+    // the idle timeout until its own deadline answers it.
+    let ts = TestServer::dev("limits: { idle_timeout: 1s, body_timeout: 2500ms }\n").await;
+    let token = ts.token("default", "sleep");
+    let mut conn = RawConn::open(&ts).await;
+    let (response, _body) = conn.open_stream(&token).await.unwrap();
+    let response = response.await.expect("an answer, not a closed connection");
+    assert_eq!(grpc_status(&response), Some(Code::DeadlineExceeded));
+}
+
+#[tokio::test]
+async fn a_request_body_must_follow_its_headers_in_time() {
+    let ts = TestServer::dev("limits: { body_timeout: 300ms }\n").await;
+    let token = ts.token("default", "sleep");
+    let mut conn = RawConn::open(&ts).await;
+    let started = std::time::Instant::now();
+    let (response, _body) = conn.open_stream(&token).await.unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(5), response)
+        .await
+        .expect("a bodiless stream was held past its body deadline")
+        .unwrap();
+    assert_eq!(grpc_status(&response), Some(Code::DeadlineExceeded));
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert_eq!(
+        ts.metric("meshsign_requests_refused_early_total{reason=\"body_timeout\"}")
+            .await,
+        1.0
+    );
+    // The connection itself is fine.
+    let wl = Workload::new("default", "sleep", WorkloadKeyType::EcdsaP256);
+    wl.obtain(&ts.endpoint(), Some(&token), 600).await.unwrap();
+}
+
+#[tokio::test]
+async fn streams_reset_after_acceptance_spend_a_budget_then_the_connection_goes() {
+    let ts = TestServer::dev("limits: { reset_budget: { per_second: 1, burst: 5 } }\n").await;
+    let token = ts.token("default", "sleep");
+    let wl = Workload::new("default", "sleep", WorkloadKeyType::EcdsaP256);
+    let legit = meshsign::client::channel(&ts.endpoint()).await.unwrap();
+    let mut conn = RawConn::open(&ts).await;
+    let mut opened = 0;
+    for _ in 0..50 {
+        let Ok((_response, mut body)) = conn.open_stream(&token).await else {
+            break; // GOAWAY received: no new streams
+        };
+        opened += 1;
+        // The server has accepted the stream and waits for its body.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        body.send_reset(h2::Reason::CANCEL);
+        if conn.driver.is_finished() {
+            break;
+        }
+    }
+    assert!(
+        conn.closed_within(Duration::from_secs(3)).await,
+        "a connection resetting {opened} accepted streams was kept"
+    );
+    assert!(opened <= 10, "{opened} late resets before the GOAWAY");
+    assert_eq!(
+        ts.metric("meshsign_connections_closed_total{reason=\"reset_budget\"}")
+            .await,
+        1.0
+    );
+    // Everyone else is served throughout.
+    wl.send_on(&legit, Some(&token)).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_connection_over_its_stream_budget_is_refused_and_sent_away() {
+    let ts = TestServer::dev(
+        "limits: { stream_budget: { per_second: 0.01, burst: 3 } }\nrate_limits: { per_caller: { per_second: 0 } }\n",
+    )
+    .await;
+    let token = ts.token("default", "sleep");
+    let wl = Workload::new("default", "sleep", WorkloadKeyType::EcdsaP256);
+    let channel = meshsign::client::channel(&ts.endpoint()).await.unwrap();
+    for _ in 0..3 {
+        wl.send_on(&channel, Some(&token)).await.unwrap();
+    }
+    assert_eq!(
+        wl.send_on(&channel, Some(&token)).await,
+        Err(Code::Unavailable)
+    );
+    assert_eq!(
+        ts.metric("meshsign_connections_closed_total{reason=\"stream_budget\"}")
+            .await,
+        1.0
+    );
+    // The client reconnects (a new connection, a new budget) and is served.
+    eventually(
+        "no reconnect after the GOAWAY",
+        Duration::from_secs(5),
+        || async { wl.send_on(&channel, Some(&token)).await.is_ok() },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn each_caller_pod_has_a_request_budget() {
+    let ts = TestServer::dev("rate_limits: { per_caller: { per_second: 0.01, burst: 2 } }\n").await;
+    let ep = ts.endpoint();
+    let sleep = Workload::new("default", "sleep", WorkloadKeyType::EcdsaP256);
+    let token = ts.token("default", "sleep");
+    sleep.obtain(&ep, Some(&token), 600).await.unwrap();
+    sleep.obtain(&ep, Some(&token), 600).await.unwrap();
+    let refused = sleep.obtain(&ep, Some(&token), 600).await.unwrap_err();
+    assert_eq!(refused.0, Code::ResourceExhausted, "{}", refused.1);
+    assert_eq!(
+        ts.metric("meshsign_requests_shed_total{reason=\"per_caller\"}")
+            .await,
+        1.0
+    );
+    // Another identity has its own budget.
+    let other = Workload::new("default", "other", WorkloadKeyType::EcdsaP256);
+    other
+        .obtain(&ep, Some(&ts.token("default", "other")), 600)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn an_address_that_keeps_failing_authentication_waits_but_mtls_callers_do_not() {
+    let ts = TestServer::dev(
+        "authn: { client_certificates: true }\nrate_limits: { failed_auth_per_address: { per_second: 0.01, burst: 3 } }\n",
+    )
+    .await;
+    let ep = ts.endpoint();
+    let wl = Workload::new("default", "sleep", WorkloadKeyType::EcdsaP256);
+    let token = ts.token("default", "sleep");
+    // A workload gets its certificate before the flood.
+    let (_, issued) = wl.obtain(&ep, Some(&token), 600).await.unwrap();
+    for _ in 0..3 {
+        let e = wl.obtain(&ep, Some("not.a.token"), 600).await.unwrap_err();
+        assert_eq!(e.0, Code::Unauthenticated);
+    }
+    // Spent: even a good token from this address waits now...
+    let e = wl.obtain(&ep, Some(&token), 600).await.unwrap_err();
+    assert_eq!(e.0, Code::ResourceExhausted, "{}", e.1);
+    assert_eq!(
+        ts.metric("meshsign_requests_shed_total{reason=\"failed_auth_per_address\"}")
+            .await,
+        1.0
+    );
+    // ...but a caller that proved itself with a client certificate does not.
+    let mut mtls = ep.clone();
+    mtls.client_identity = Some(wl.client_identity(&issued));
+    wl.obtain(&mtls, None, 600)
+        .await
+        .expect("an mTLS renewal from a throttled address");
 }

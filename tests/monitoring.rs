@@ -74,7 +74,12 @@ async fn idle_slow_and_excess_monitoring_connections_are_closed() {
 
 #[tokio::test]
 async fn a_token_less_flood_writes_a_bounded_number_of_log_lines() {
-    let ts = std::sync::Arc::new(TestServer::dev("").await);
+    // The failed-authentication budget would turn most of this flood into
+    // RESOURCE_EXHAUSTED (tests/limits.rs): off, so every call is a refusal
+    // that wants a log line.
+    let ts = std::sync::Arc::new(
+        TestServer::dev("rate_limits: { failed_auth_per_address: { per_second: 0 } }\n").await,
+    );
     let wl = std::sync::Arc::new(common::Workload::new(
         "default",
         "flood",

@@ -44,7 +44,7 @@ pub fn ensure(
     if have_bundle {
         let bundle = CaBundle::load(dir, now)?;
         if bundle.not_after - now > Duration::days(RENEW_BEFORE_DAYS) {
-            return Ok((Ca::new(bundle, now)?, DevCaState::Reused));
+            return Ok((Ca::new(bundle, trust_domain, now)?, DevCaState::Reused));
         }
         // Renew the intermediate from the stored root.
         let root_pem = std::fs::read_to_string(dir.join("root-cert.pem"))
@@ -58,7 +58,10 @@ pub fn ensure(
         let root = generate::reload(&root_pem, &root_key).map_err(|e| err(&root_key_path, e))?;
         write_intermediate(dir, &root, trust_domain, now)?;
         let bundle = CaBundle::load(dir, now)?;
-        return Ok((Ca::new(bundle, now)?, DevCaState::IntermediateRenewed));
+        return Ok((
+            Ca::new(bundle, trust_domain, now)?,
+            DevCaState::IntermediateRenewed,
+        ));
     }
 
     let root = generate::root(
@@ -77,7 +80,7 @@ pub fn ensure(
         .map_err(|e| err(&root_key_path, e.to_string()))?;
     write_intermediate(dir, &root, trust_domain, now)?;
     let bundle = CaBundle::load(dir, now)?;
-    Ok((Ca::new(bundle, now)?, DevCaState::Created))
+    Ok((Ca::new(bundle, trust_domain, now)?, DevCaState::Created))
 }
 
 fn write_intermediate(

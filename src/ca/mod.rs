@@ -38,7 +38,12 @@ pub enum SignError {
     Serial,
     #[error("signing failed: {0}")]
     Signature(String),
+    #[error("{queued} signatures already queued (limits.max_signing_queue)")]
+    Overloaded { queued: usize },
 }
+
+/// Istio's default trust domain.
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 
 /// A CA ready to sign.
 #[derive(Debug)]
@@ -50,11 +55,19 @@ pub struct Ca {
     response_tail: Vec<String>,
     roots_pem: String,
     rng: SystemRandom,
+    /// The SPIFFE ID the start-up and health test signings are for.
+    test_identity: String,
 }
 
 impl Ca {
-    /// Prepares a verified bundle for signing and proves it by a test signing.
-    pub fn new(bundle: CaBundle, now: OffsetDateTime) -> Result<Ca, BundleError> {
+    /// Prepares a verified bundle for signing and proves it by a test signing
+    /// of a workload identity in `trust_domain` (so an intermediate whose URI
+    /// name constraints permit only that domain passes).
+    pub fn new(
+        bundle: CaBundle,
+        trust_domain: &str,
+        now: OffsetDateTime,
+    ) -> Result<Ca, BundleError> {
         let cert = pki::parse_cert(&bundle.signing_cert).map_err(|e| BundleError {
             file: bundle.dir.clone(),
             reason: e,
@@ -79,6 +92,7 @@ impl Ca {
             response_tail,
             roots_pem,
             rng: SystemRandom::new(),
+            test_identity: format!("spiffe://{trust_domain}/ns/istio-system/sa/meshsign-self-test"),
         };
         ca.self_test(now).map_err(|reason| BundleError {
             file: ca.bundle.dir.clone(),
@@ -87,9 +101,39 @@ impl Ca {
         Ok(ca)
     }
 
-    /// Loads, verifies and test-signs the bundle in `dir`.
+    /// Loads, verifies and test-signs the bundle in `dir`, in Istio's
+    /// default trust domain `cluster.local`.
     pub fn load(dir: &Path, now: OffsetDateTime) -> Result<Ca, BundleError> {
-        Ca::new(CaBundle::load(dir, now)?, now)
+        Ca::load_for(dir, DEFAULT_TRUST_DOMAIN, now)
+    }
+
+    /// Loads, verifies and test-signs the bundle in `dir` for `trust_domain`.
+    pub fn load_for(
+        dir: &Path,
+        trust_domain: &str,
+        now: OffsetDateTime,
+    ) -> Result<Ca, BundleError> {
+        Ca::new(CaBundle::load(dir, now)?, trust_domain, now)
+    }
+
+    /// The URI name constraints on the signing path (the chain, which starts
+    /// with the signing certificate), one entry per certificate that has any.
+    pub fn uri_name_constraints(&self) -> Result<Vec<pki::UriConstraints>, String> {
+        let mut out = Vec::new();
+        for cert in &self.bundle.chain {
+            if let Some(c) = pki::UriConstraints::of(cert)? {
+                out.push(c);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The trust domain the test signings use.
+    pub fn test_trust_domain(&self) -> &str {
+        self.test_identity
+            .strip_prefix("spiffe://")
+            .and_then(|rest| rest.split('/').next())
+            .unwrap_or(DEFAULT_TRUST_DOMAIN)
     }
 
     pub fn bundle(&self) -> &CaBundle {
@@ -155,24 +199,44 @@ impl Ca {
 
     /// Signs a throwaway leaf for a fresh P-256 key and verifies it as a
     /// client and as a server would, against the roots, at `now`.
+    ///
+    /// The leaf is for a workload in the configured trust domain. When the
+    /// signing path carries URI name constraints, the trust domain is checked
+    /// against them here (webpki, which verifies the chain, does not implement
+    /// URI constraints and refuses every URI name under one), and the chain is
+    /// verified with a second leaf that has no name.
     pub fn self_test(&self, now: OffsetDateTime) -> Result<(), String> {
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
             .map_err(|e| format!("cannot generate a test key: {e}"))?;
         let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
-        let sans = [SanEntry::Uri(
-            "spiffe://meshsign.self-test/ns/meshsign/sa/self-test".to_owned(),
-        )];
-        let leaf = self
-            .sign(&LeafSpec {
-                spki_der: &spki,
-                common_name: None,
-                sans: &sans,
-                not_before: now - Duration::minutes(1),
-                not_after: now + Duration::minutes(5),
-            })
-            .map_err(|e| e.to_string())?;
-        pki::verify_chain(&leaf, &self.bundle.chain, &self.bundle.roots, now)
-            .map_err(|e| format!("a test leaf does not verify against the roots: {e}"))?;
+        let sans = [SanEntry::Uri(self.test_identity.clone())];
+        let spec = LeafSpec {
+            spki_der: &spki,
+            common_name: None,
+            sans: &sans,
+            not_before: now - Duration::minutes(1),
+            not_after: now + Duration::minutes(5),
+        };
+        let leaf = self.sign(&spec).map_err(|e| e.to_string())?;
+        let constraints = self.uri_name_constraints()?;
+        if constraints.is_empty() {
+            pki::verify_chain(&leaf, &self.bundle.chain, &self.bundle.roots, now)
+                .map_err(|e| format!("a test leaf does not verify against the roots: {e}"))?;
+        } else {
+            let host = self.test_trust_domain();
+            if let Some(c) = constraints.iter().find(|c| !c.permits_host(host)) {
+                return Err(format!(
+                    "the trust domain {host:?} is outside the CA's URI name constraints \
+                     (permitted {:?}, excluded {:?})",
+                    c.permitted, c.excluded
+                ));
+            }
+            let nameless = self
+                .sign(&LeafSpec { sans: &[], ..spec })
+                .map_err(|e| e.to_string())?;
+            pki::verify_chain(&nameless, &self.bundle.chain, &self.bundle.roots, now)
+                .map_err(|e| format!("a test leaf does not verify against the roots: {e}"))?;
+        }
         let parsed = pki::parse_cert(&leaf)?;
         if parsed.issuer().as_raw() != self.issuer_name.as_slice() {
             return Err("issuer name of the test leaf differs from the CA subject".into());

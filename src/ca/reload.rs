@@ -51,7 +51,7 @@ pub enum ReloadError {
 /// Loads `dir` and, if it is valid and keeps the same roots as `current`,
 /// returns the new CA.
 pub fn reload(dir: &Path, current: &Ca, now: OffsetDateTime) -> Result<Ca, ReloadError> {
-    let next = Ca::load(dir, now)?;
+    let next = Ca::load_for(dir, current.test_trust_domain(), now)?;
     if next.bundle().roots != current.bundle().roots {
         return Err(ReloadError::RootsChanged);
     }

@@ -9,6 +9,7 @@ use time::OffsetDateTime;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
+use super::conn::ReachedService;
 use super::tls::PeerInfo;
 use crate::auth::{Authenticator, CallerIdentity, Credentials};
 use crate::ca::pool::SigningPool;
@@ -23,6 +24,7 @@ use crate::pki;
 use crate::policy::Policy;
 use crate::proto::istio_certificate_service_server::IstioCertificateService;
 use crate::proto::{IstioCertificateRequest, IstioCertificateResponse};
+use crate::ratelimit::{self, RateLimiter, Spent};
 use crate::spiffe::SpiffeId;
 
 /// Struct key istiod reads for node impersonation (ztunnel).
@@ -43,11 +45,17 @@ pub struct CertificateService {
     key_policy: KeyPolicy,
     /// Signer threads for slow (RSA) keys, one per core, off the reactor.
     signers: SigningPool,
+    /// Per-caller, per-node-agent and failed-authentication budgets.
+    limiter: RateLimiter,
     allow_plaintext: bool,
     metrics: Arc<Metrics>,
-    /// Refusals are caused by strangers: their log lines have a budget.
-    refusal_log: LineBudget,
+    /// Refusals are caused by strangers: their log lines have a budget
+    /// (shared with the connection layer's refusals).
+    refusal_log: Arc<LineBudget>,
 }
+
+/// Signatures that may wait for a signer thread unless configured otherwise.
+const DEFAULT_SIGNING_QUEUE: usize = 4096;
 
 /// Refused-request log lines written per second at most.
 pub const REFUSAL_LOG_PER_SECOND: u32 = 100;
@@ -61,18 +69,34 @@ impl CertificateService {
         allow_plaintext: bool,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         Ok(Self {
             ca,
             authenticator,
             node_authorizer: None,
             policy,
             key_policy,
-            signers: SigningPool::new(cores)?,
+            signers: SigningPool::new(signer_threads(), DEFAULT_SIGNING_QUEUE)?,
+            limiter: RateLimiter::disabled(),
             allow_plaintext,
             metrics,
-            refusal_log: LineBudget::new(REFUSAL_LOG_PER_SECOND),
+            refusal_log: Arc::new(LineBudget::new(REFUSAL_LOG_PER_SECOND)),
         })
+    }
+
+    /// Applies the configured signing queue bound and rate limits.
+    pub fn with_limits(
+        mut self,
+        max_signing_queue: usize,
+        rate_limits: &crate::config::RateLimits,
+    ) -> std::io::Result<Self> {
+        self.signers = SigningPool::new(signer_threads(), max_signing_queue)?;
+        self.limiter = RateLimiter::new(rate_limits);
+        Ok(self)
+    }
+
+    /// The refusal-log budget, for the connection layer to share.
+    pub fn refusal_log(&self) -> Arc<LineBudget> {
+        self.refusal_log.clone()
     }
 
     /// Lets the trusted node accounts impersonate pods on their node.
@@ -95,6 +119,16 @@ impl CertificateService {
         if !peer.is_some_and(|p| p.tls) && !self.allow_plaintext {
             return Err(RequestError::PlaintextRefused);
         }
+        let now_ms = ratelimit::now_ms();
+        // An address that keeps failing to authenticate waits before any
+        // token of its is checked again; a verified client certificate has
+        // already proved itself at the handshake.
+        if let Some(ip) = peer.and_then(|p| p.remote).map(|a| a.ip()) {
+            let has_certificate = peer.is_some_and(|p| p.client_certificate.is_some());
+            if !has_certificate && !self.limiter.address_may_try(ip, now_ms) {
+                return Err(RequestError::RateLimited(Spent::FailedAuthentications));
+            }
+        }
         let creds = Credentials {
             bearer_token: bearer_token(metadata),
             client_certificate: peer.and_then(|p| p.client_certificate.as_ref()),
@@ -106,11 +140,15 @@ impl CertificateService {
             Err(e) if e.unavailable => return Err(RequestError::AuthUnavailable(e)),
             Err(e) => return Err(RequestError::Unauthenticated(e)),
         };
+        let requested = impersonated_identity(request);
+        self.limiter
+            .admit(&caller, requested.is_some(), now_ms)
+            .map_err(RequestError::RateLimited)?;
 
         // The identity the leaf is for: the caller's own, or (ztunnel) the
         // pod identity it impersonates. Either way the CSR must ask for
         // exactly it, and the policy rules apply to it.
-        let impersonated = match impersonated_identity(request) {
+        let impersonated = match requested {
             None => None,
             Some(requested) => Some(self.authorize_impersonation(&caller, requested)?),
         };
@@ -180,7 +218,12 @@ impl CertificateService {
             })
         };
         let leaf = if ca.scheme().is_slow() {
-            self.signers.sign(ca.clone(), sign).await?
+            match self.signers.sign(ca.clone(), sign).await {
+                Err(e @ crate::ca::SignError::Overloaded { .. }) => {
+                    return Err(RequestError::Overloaded(e))
+                }
+                other => other?,
+            }
         } else {
             sign(&ca)?
         };
@@ -191,6 +234,11 @@ impl CertificateService {
         chain.extend(tail.iter().cloned());
         Ok(chain)
     }
+}
+
+/// One signer thread per core.
+fn signer_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
 }
 
 /// What remains of an authorized request: the leaf to sign.
@@ -243,7 +291,10 @@ impl IstioCertificateService for Arc<CertificateService> {
     ) -> Result<Response<IstioCertificateResponse>, Status> {
         self.metrics.csr_count.inc();
         let started = Instant::now();
-        let peer = request.extensions().get::<PeerInfo>();
+        if let Some(reached) = request.extensions().get::<ReachedService>() {
+            reached.mark();
+        }
+        let peer = request.extensions().get::<Arc<PeerInfo>>().map(|p| &**p);
         let remote = peer.and_then(|p| p.remote);
         let authorized = self
             .authorize(peer, request.metadata(), request.get_ref())
@@ -281,6 +332,21 @@ impl IstioCertificateService for Arc<CertificateService> {
                 let status = e.to_status();
                 if e.is_authentication_failure() {
                     self.metrics.authn_failures.inc();
+                    if let Some(addr) = remote {
+                        self.limiter
+                            .failed_authentication(addr.ip(), ratelimit::now_ms());
+                    }
+                }
+                match &e {
+                    RequestError::RateLimited(spent) => {
+                        self.metrics.shed.with_label_values(&[spent.label()]).inc()
+                    }
+                    RequestError::Overloaded(_) => self
+                        .metrics
+                        .shed
+                        .with_label_values(&["signing_queue"])
+                        .inc(),
+                    _ => {}
                 }
                 if let Some(kind) = e.istio_error_type() {
                     self.metrics.sign_errors.with_label_values(&[kind]).inc();

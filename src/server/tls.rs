@@ -27,7 +27,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
-use tonic::transport::server::Connected;
 
 use super::coalesce::Coalesce;
 
@@ -58,11 +57,10 @@ pub enum Conn {
     Plain(Coalesce<TcpStream>, PeerInfo, OwnedSemaphorePermit),
 }
 
-impl Connected for Conn {
-    type ConnectInfo = PeerInfo;
-    fn connect_info(&self) -> PeerInfo {
+impl Conn {
+    pub fn peer(&self) -> &PeerInfo {
         match self {
-            Conn::Tls(_, p, _) | Conn::Plain(_, p, _) => p.clone(),
+            Conn::Tls(_, p, _) | Conn::Plain(_, p, _) => p,
         }
     }
 }
@@ -232,7 +230,12 @@ pub fn incoming(
     let refused_handshakes = limits.refused.with_label_values(&["max_handshakes"]);
     tokio::spawn(async move {
         loop {
-            let (tcp, remote) = match listener.accept().await {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                // The server stopped: close the listening socket now.
+                _ = tx.closed() => return,
+            };
+            let (tcp, remote) = match accepted {
                 Ok(pair) => pair,
                 Err(e) => {
                     // EMFILE and friends: back off briefly instead of spinning.

@@ -1,0 +1,726 @@
+//! One HTTP/2 connection's life, from the end of its handshake to its close,
+//! and every stream on it.
+//!
+//! meshsign drives hyper's HTTP/2 server itself (with tonic's routes as the
+//! service) so that each bound a stranger could push against is ours to set
+//! and to test. Per connection:
+//!
+//! - **maximum age** (jittered ±10%, as gRPC does, so connections opened in
+//!   one burst do not all reconnect in one burst): a graceful GOAWAY, then
+//!   `max_connection_age_grace` for the calls in flight;
+//! - **idle timeout**: no call in flight for `idle_timeout` → GOAWAY. PINGs
+//!   (ours or the client's) are not calls, so a peer that only answers PINGs
+//!   is idle;
+//! - **stream budget**: streams opened, as a token bucket; a client over it
+//!   gets `UNAVAILABLE` on that stream and a GOAWAY, and reconnects;
+//! - **reset budget**: streams the client abandons (RST_STREAM, or a closed
+//!   connection, before meshsign answered), as a token bucket; over it: GOAWAY
+//!   and the connection closes after a short grace. This is the late-reset
+//!   attack's bound (hyper already bounds the classic rapid reset);
+//! - **shutdown**: a GOAWAY to every connection, then `drain_timeout` for the
+//!   calls in flight before connections are closed.
+//!
+//! Per stream: the body of a unary call must arrive within `body_timeout` of
+//! its headers and be at most `max_request_bytes`; the whole call (answer
+//! included) within `request_timeout` or the client's `grpc-timeout`,
+//! whichever is sooner. Calls refused here, before the CA service reads them,
+//! are counted in `meshsign_requests_refused_early_total{reason}` and logged
+//! under the shared refusal-log budget.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::sync::{watch, Notify};
+use tokio::time::{Instant, Sleep};
+use tonic::service::Routes;
+use tonic::{Code, Status};
+use tower::Service;
+
+use super::tls::{Conn, PeerInfo};
+use crate::config::{Budget, Limits};
+use crate::logging::LineBudget;
+use crate::metrics::Metrics;
+
+/// The unary methods whose request body is read (bounded in time and size)
+/// before the service sees it. Streaming methods (reflection, health Watch)
+/// get their body as it comes.
+const UNARY_PATHS: [&str; 2] = [
+    "/istio.v1.auth.IstioCertificateService/CreateCertificate",
+    "/grpc.health.v1.Health/Check",
+];
+/// The CA method: its early refusals are told apart from the service's own.
+const CREATE_CERTIFICATE: &str = "/istio.v1.auth.IstioCertificateService/CreateCertificate";
+/// gRPC's length-prefixed message header.
+const GRPC_FRAME_HEADER: usize = 5;
+/// After a GOAWAY for abuse (budgets), how long calls in flight may finish.
+const ABUSE_GRACE: Duration = Duration::from_secs(1);
+
+/// Per-connection and per-stream bounds, from [`Limits`].
+#[derive(Debug, Clone)]
+pub struct ConnSettings {
+    pub max_concurrent_streams: u32,
+    pub max_header_list_bytes: u32,
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+    /// Zero: no maximum age.
+    pub max_age: Duration,
+    pub age_grace: Duration,
+    /// Zero: connections may idle for ever.
+    pub idle_timeout: Duration,
+    pub request_timeout: Duration,
+    pub body_timeout: Duration,
+    pub max_request_bytes: usize,
+    pub stream_budget: Budget,
+    pub reset_budget: Budget,
+    pub drain_timeout: Duration,
+}
+
+impl ConnSettings {
+    pub fn from_limits(l: &Limits) -> Self {
+        Self {
+            max_concurrent_streams: l.max_concurrent_streams,
+            max_header_list_bytes: l.max_header_list_bytes,
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+            max_age: l.max_connection_age,
+            age_grace: l.max_connection_age_grace,
+            idle_timeout: l.idle_timeout,
+            request_timeout: l.request_timeout,
+            body_timeout: l.body_timeout,
+            max_request_bytes: l.max_request_bytes,
+            stream_budget: l.stream_budget,
+            reset_budget: l.reset_budget,
+            drain_timeout: l.drain_timeout,
+        }
+    }
+}
+
+/// What the connection layer reports to.
+#[derive(Debug, Clone)]
+pub struct ConnObservers {
+    pub metrics: Arc<Metrics>,
+    /// Shared with the CA service: refusals have one log budget.
+    pub refusal_log: Arc<LineBudget>,
+}
+
+/// Serves every connection `incoming` yields until `shutdown` resolves, then
+/// drains: GOAWAY to all, in-flight calls get `drain_timeout`, and returns
+/// once every connection is closed.
+pub async fn serve<I>(
+    incoming: I,
+    routes: Routes,
+    settings: ConnSettings,
+    observers: ConnObservers,
+    shutdown: impl Future<Output = ()>,
+) where
+    I: futures_util::Stream<Item = io::Result<Conn>>,
+{
+    let mut http = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    http.timer(TokioTimer::new())
+        .max_concurrent_streams(settings.max_concurrent_streams)
+        .max_header_list_size(settings.max_header_list_bytes)
+        .keep_alive_interval(settings.keepalive_interval)
+        .keep_alive_timeout(settings.keepalive_timeout)
+        .auto_date_header(false);
+    let shared = Arc::new(Shared {
+        http,
+        routes,
+        settings,
+        observers,
+    });
+    let (drain_tx, drain_rx) = watch::channel(false);
+    {
+        // Dropping `incoming` at the end of this scope stops the accept loop
+        // and closes the listening socket before the drain.
+        let mut incoming = pin!(incoming);
+        let mut shutdown = pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                next = incoming.next() => match next {
+                    Some(Ok(conn)) => {
+                        tokio::spawn(serve_connection(conn, shared.clone(), drain_rx.clone()));
+                    }
+                    Some(Err(e)) => tracing::debug!(error = %e, "connection not accepted"),
+                    None => break,
+                },
+            }
+        }
+    }
+    let _ = drain_tx.send(true);
+    drop(drain_rx);
+    // Every connection task holds a receiver until it ends.
+    drain_tx.closed().await;
+}
+
+struct Shared {
+    http: hyper::server::conn::http2::Builder<TokioExecutor>,
+    routes: Routes,
+    settings: ConnSettings,
+    observers: ConnObservers,
+}
+
+/// Why meshsign ended a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum CloseReason {
+    MaxAge = 1,
+    Idle,
+    StreamBudget,
+    ResetBudget,
+    Shutdown,
+}
+
+impl CloseReason {
+    fn label(self) -> &'static str {
+        match self {
+            CloseReason::MaxAge => "max_age",
+            CloseReason::Idle => "idle",
+            CloseReason::StreamBudget => "stream_budget",
+            CloseReason::ResetBudget => "reset_budget",
+            CloseReason::Shutdown => "shutdown",
+        }
+    }
+
+    fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            1 => CloseReason::MaxAge,
+            2 => CloseReason::Idle,
+            3 => CloseReason::StreamBudget,
+            4 => CloseReason::ResetBudget,
+            5 => CloseReason::Shutdown,
+            _ => return None,
+        })
+    }
+}
+
+/// A token bucket for one connection (only its own streams touch it).
+#[derive(Debug)]
+struct ConnBudget {
+    budget: Budget,
+    state: Mutex<(f64, Instant)>,
+}
+
+impl ConnBudget {
+    fn new(budget: Budget, now: Instant) -> Self {
+        Self {
+            budget,
+            state: Mutex::new((f64::from(budget.burst), now)),
+        }
+    }
+
+    fn take(&self, now: Instant) -> bool {
+        if !self.budget.is_enabled() {
+            return true;
+        }
+        let Ok(mut s) = self.state.lock() else {
+            return true;
+        };
+        let elapsed = now.saturating_duration_since(s.1).as_secs_f64();
+        s.0 = (s.0 + elapsed * self.budget.per_second).min(f64::from(self.budget.burst));
+        s.1 = now;
+        if s.0 < 1.0 {
+            return false;
+        }
+        s.0 -= 1.0;
+        true
+    }
+}
+
+/// What the streams of one connection share with its task.
+#[derive(Debug)]
+struct ConnState {
+    peer: Arc<PeerInfo>,
+    opened_at: Instant,
+    in_flight: AtomicU32,
+    /// Milliseconds after `opened_at` when the last call ended.
+    last_call_end_ms: AtomicU64,
+    streams: ConnBudget,
+    resets: ConnBudget,
+    /// A budget ran out: the reason, and a wake-up for the connection task.
+    abuse: AtomicU8,
+    abuse_signal: Notify,
+}
+
+impl ConnState {
+    fn flag(&self, reason: CloseReason) {
+        if self
+            .abuse
+            .compare_exchange(0, reason as u8, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            self.abuse_signal.notify_one();
+        }
+    }
+
+    /// When the connection becomes idle, if no call starts before then.
+    fn idle_deadline(&self, idle: Duration) -> Instant {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return Instant::now() + idle;
+        }
+        let ended = Duration::from_millis(self.last_call_end_ms.load(Ordering::Acquire));
+        self.opened_at + ended + idle
+    }
+}
+
+async fn serve_connection(conn: Conn, shared: Arc<Shared>, mut drain: watch::Receiver<bool>) {
+    let settings = &shared.settings;
+    let metrics = &shared.observers.metrics;
+    let now = Instant::now();
+    let state = Arc::new(ConnState {
+        peer: Arc::new(conn.peer().clone()),
+        opened_at: now,
+        in_flight: AtomicU32::new(0),
+        last_call_end_ms: AtomicU64::new(0),
+        streams: ConnBudget::new(settings.stream_budget, now),
+        resets: ConnBudget::new(settings.reset_budget, now),
+        abuse: AtomicU8::new(0),
+        abuse_signal: Notify::new(),
+    });
+    let service = StreamService {
+        shared: shared.clone(),
+        state: state.clone(),
+    };
+    let mut connection = pin!(shared.http.serve_connection(TokioIo::new(conn), service));
+    let max_age = (!settings.max_age.is_zero()).then(|| now + jittered(settings.max_age));
+    let far = now + Duration::from_secs(100 * 365 * 24 * 3600);
+    // Set once a GOAWAY is sent: when the connection is closed regardless.
+    let mut close_by: Option<Instant> = None;
+    loop {
+        let idle_at = if settings.idle_timeout.is_zero() {
+            far
+        } else {
+            state.idle_deadline(settings.idle_timeout)
+        };
+        let serving = close_by.is_none();
+        let goaway: Option<(CloseReason, Duration)> = tokio::select! {
+            done = connection.as_mut() => {
+                if let Err(e) = done {
+                    tracing::debug!(remote = ?state.peer.remote, error = %e, "connection ended with an error");
+                }
+                break;
+            }
+            _ = tokio::time::sleep_until(max_age.unwrap_or(far)), if serving && max_age.is_some() => {
+                Some((CloseReason::MaxAge, settings.age_grace))
+            }
+            _ = tokio::time::sleep_until(idle_at), if serving && !settings.idle_timeout.is_zero() => {
+                (Instant::now() >= state.idle_deadline(settings.idle_timeout))
+                    .then_some((CloseReason::Idle, ABUSE_GRACE))
+            }
+            _ = state.abuse_signal.notified(), if serving => {
+                CloseReason::from_u8(state.abuse.load(Ordering::Acquire)).map(|r| (r, ABUSE_GRACE))
+            }
+            _ = drain.changed(), if serving => Some((CloseReason::Shutdown, settings.drain_timeout)),
+            _ = tokio::time::sleep_until(close_by.unwrap_or(far)), if !serving => {
+                metrics.connections_closed.with_label_values(&["forced"]).inc();
+                tracing::debug!(remote = ?state.peer.remote, "closing a connection whose grace ran out");
+                break;
+            }
+        };
+        if let Some((reason, grace)) = goaway {
+            metrics
+                .connections_closed
+                .with_label_values(&[reason.label()])
+                .inc();
+            if matches!(reason, CloseReason::StreamBudget | CloseReason::ResetBudget) {
+                tracing::info!(remote = ?state.peer.remote, reason = reason.label(), "sending GOAWAY: connection over its budget");
+            }
+            connection.as_mut().graceful_shutdown();
+            close_by = Some(Instant::now() + grace);
+        }
+    }
+    drop(drain);
+}
+
+/// `d` ± 10%, so a burst of connections does not come back as one burst.
+fn jittered(d: Duration) -> Duration {
+    use aws_lc_rs::rand::SecureRandom;
+    let mut b = [0u8; 2];
+    if aws_lc_rs::rand::SystemRandom::new().fill(&mut b).is_err() {
+        return d;
+    }
+    let unit = f64::from(u16::from_le_bytes(b)) / f64::from(u16::MAX); // 0..=1
+    d.mul_f64(0.9 + 0.2 * unit)
+}
+
+/// Counts a stream in flight; on drop, a stream that did not finish its
+/// answer was abandoned by the client and spends the reset budget.
+struct StreamGuard {
+    state: Arc<ConnState>,
+    finished: AtomicBool,
+    reset_budget: bool,
+}
+
+impl StreamGuard {
+    fn new(state: Arc<ConnState>, reset_budget: bool) -> Self {
+        state.in_flight.fetch_add(1, Ordering::AcqRel);
+        Self {
+            state,
+            finished: AtomicBool::new(false),
+            reset_budget,
+        }
+    }
+
+    fn finish(&self) {
+        self.finished.store(true, Ordering::Release);
+    }
+
+    /// The client gave up on this stream (seen by the handler itself):
+    /// charged to the reset budget now, once.
+    fn abandoned(&self) {
+        if !self.finished.swap(true, Ordering::AcqRel)
+            && self.reset_budget
+            && !self.state.resets.take(Instant::now())
+        {
+            self.state.flag(CloseReason::ResetBudget);
+        }
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        let s = &self.state;
+        let ms = s.opened_at.elapsed().as_millis() as u64;
+        s.last_call_end_ms.fetch_max(ms, Ordering::AcqRel);
+        s.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if self.reset_budget
+            && !self.finished.load(Ordering::Acquire)
+            && !s.resets.take(Instant::now())
+        {
+            s.flag(CloseReason::ResetBudget);
+        }
+    }
+}
+
+/// Set by the CA service when a request reached it (so a refusal without it
+/// was made while decoding).
+#[derive(Debug, Clone, Default)]
+pub struct ReachedService(Arc<AtomicBool>);
+
+impl ReachedService {
+    pub fn mark(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    fn reached(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// The per-stream service: bounds, then tonic's routes.
+#[derive(Clone)]
+struct StreamService {
+    shared: Arc<Shared>,
+    state: Arc<ConnState>,
+}
+
+impl hyper::service::Service<Request<Incoming>> for StreamService {
+    type Response = Response<StreamBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn call(&self, request: Request<Incoming>) -> Self::Future {
+        let (shared, state) = (self.shared.clone(), self.state.clone());
+        Box::pin(async move { Ok(handle(shared, state, request).await) })
+    }
+}
+
+async fn handle(
+    shared: Arc<Shared>,
+    state: Arc<ConnState>,
+    request: Request<Incoming>,
+) -> Response<StreamBody> {
+    let settings = &shared.settings;
+    let started = Instant::now();
+    let guard = StreamGuard::new(state.clone(), settings.reset_budget.is_enabled());
+    if !state.streams.take(started) {
+        state.flag(CloseReason::StreamBudget);
+        return refuse(
+            &shared,
+            &state,
+            guard,
+            "stream_budget",
+            Status::unavailable("connection over its stream budget: reconnect"),
+        );
+    }
+    let deadline = started
+        + grpc_timeout(request.headers()).map_or(settings.request_timeout, |t| {
+            t.min(settings.request_timeout)
+        });
+    let (mut parts, body) = request.into_parts();
+    let unary = UNARY_PATHS.contains(&parts.uri.path());
+    let reached = (parts.uri.path() == CREATE_CERTIFICATE).then(ReachedService::default);
+    parts.extensions.insert(state.peer.clone());
+    if let Some(r) = &reached {
+        parts.extensions.insert(r.clone());
+    }
+    let body = if unary {
+        let body_by = (started + settings.body_timeout).min(deadline);
+        let limit = settings.max_request_bytes + GRPC_FRAME_HEADER;
+        let read = tokio::time::timeout_at(body_by, Limited::new(body, limit).collect()).await;
+        match read {
+            Ok(Ok(collected)) => tonic::body::Body::new(Full::new(collected.to_bytes())),
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+                return refuse(
+                    &shared,
+                    &state,
+                    guard,
+                    "too_large",
+                    Status::resource_exhausted(format!(
+                        "grpc: received message larger than max ({limit} bytes)"
+                    )),
+                );
+            }
+            Ok(Err(_)) => {
+                // The client reset the stream (or the connection broke)
+                // before its body was in: an abandoned stream.
+                guard.abandoned();
+                let (parts, body) = Status::cancelled("request body broken")
+                    .into_http::<tonic::body::Body>()
+                    .into_parts();
+                return Response::from_parts(
+                    parts,
+                    StreamBody {
+                        inner: body,
+                        guard,
+                        deadline: None,
+                    },
+                );
+            }
+            Err(_) => {
+                return refuse(
+                    &shared,
+                    &state,
+                    guard,
+                    "body_timeout",
+                    Status::deadline_exceeded(format!(
+                        "request body not received within {:?} of its headers",
+                        body_by - started
+                    )),
+                );
+            }
+        }
+    } else {
+        tonic::body::Body::new(body)
+    };
+    let request = Request::from_parts(parts, body);
+    let mut routes = shared.routes.clone();
+    let response = match tokio::time::timeout_at(deadline, routes.call(request)).await {
+        Ok(Ok(response)) => response,
+        Ok(Err(never)) => match never {},
+        Err(_) => {
+            return refuse(
+                &shared,
+                &state,
+                guard,
+                "deadline",
+                Status::deadline_exceeded("request timed out"),
+            );
+        }
+    };
+    if let Some(code) = grpc_status(&response) {
+        let early = match &reached {
+            Some(r) if !r.reached() => Some("decode"),
+            _ if code == Code::Unimplemented => Some("unimplemented"),
+            _ => None,
+        };
+        if let Some(reason) = early {
+            count_early(&shared, &state, reason, code);
+        }
+    }
+    let (parts, body) = response.into_parts();
+    let deadline = (!unary).then(|| Box::pin(tokio::time::sleep_until(deadline)));
+    Response::from_parts(
+        parts,
+        StreamBody {
+            inner: body,
+            guard,
+            deadline,
+        },
+    )
+}
+
+/// A trailers-only error response's code (tonic puts a refusal's
+/// `grpc-status` in the headers).
+fn grpc_status<B>(response: &Response<B>) -> Option<Code> {
+    let v = response.headers().get("grpc-status")?;
+    let code = Code::from_bytes(v.as_bytes());
+    (code != Code::Ok).then_some(code)
+}
+
+fn count_early(shared: &Shared, state: &ConnState, reason: &str, code: Code) {
+    let o = &shared.observers;
+    o.metrics.refused_early.with_label_values(&[reason]).inc();
+    match o
+        .refusal_log
+        .admit(crate::clock::Clock::now_unix(&crate::clock::SystemClock))
+    {
+        Some(suppressed) => tracing::warn!(
+            code = ?code,
+            remote = ?state.peer.remote,
+            reason,
+            suppressed_before = suppressed,
+            "call refused before the service read it"
+        ),
+        None => o.metrics.log_suppressed.inc(),
+    }
+}
+
+fn refuse(
+    shared: &Shared,
+    state: &ConnState,
+    guard: StreamGuard,
+    reason: &str,
+    status: Status,
+) -> Response<StreamBody> {
+    count_early(shared, state, reason, status.code());
+    // Answered: not an abandoned stream.
+    guard.finish();
+    let (parts, body) = status.into_http::<tonic::body::Body>().into_parts();
+    Response::from_parts(
+        parts,
+        StreamBody {
+            inner: body,
+            guard,
+            deadline: None,
+        },
+    )
+}
+
+/// The client's `grpc-timeout` header (`<digits><unit>`), if valid.
+fn grpc_timeout(headers: &hyper::HeaderMap) -> Option<Duration> {
+    let v = headers.get("grpc-timeout")?.as_bytes();
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let n: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some(match unit {
+        b"H" => Duration::from_secs(n.saturating_mul(3600)),
+        b"M" => Duration::from_secs(n.saturating_mul(60)),
+        b"S" => Duration::from_secs(n),
+        b"m" => Duration::from_millis(n),
+        b"u" => Duration::from_micros(n),
+        b"n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// A response body that marks its stream finished once the answer is
+/// complete and, for streaming calls, ends the stream at the call's deadline.
+pub struct StreamBody {
+    inner: tonic::body::Body,
+    guard: StreamGuard,
+    deadline: Option<Pin<Box<Sleep>>>,
+}
+
+impl Body for StreamBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = &mut *self;
+        if let Some(deadline) = &mut this.deadline {
+            if deadline.as_mut().poll(cx).is_ready() {
+                this.guard.finish();
+                return Poll::Ready(Some(Err(Status::deadline_exceeded(
+                    "stream outlived limits.request_timeout",
+                ))));
+            }
+        }
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => this.guard.finish(),
+            Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => this.guard.finish(),
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let end = self.inner.is_end_stream();
+        if end {
+            self.guard.finish();
+        }
+        end
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_header_parses_as_grpc_defines_it() {
+        let mut h = hyper::HeaderMap::new();
+        for (v, want) in [
+            ("10S", Some(Duration::from_secs(10))),
+            ("500m", Some(Duration::from_millis(500))),
+            ("2M", Some(Duration::from_secs(120))),
+            ("1H", Some(Duration::from_secs(3600))),
+            ("7u", Some(Duration::from_micros(7))),
+            ("9n", Some(Duration::from_nanos(9))),
+            ("123456789S", None),
+            ("S", None),
+            ("10x", None),
+            ("", None),
+            ("-1S", None),
+        ] {
+            h.insert("grpc-timeout", v.parse().unwrap());
+            assert_eq!(grpc_timeout(&h), want, "{v:?}");
+        }
+    }
+
+    #[test]
+    fn a_connection_budget_refills() {
+        let t = Instant::now();
+        let b = ConnBudget::new(
+            Budget {
+                per_second: 10.0,
+                burst: 2,
+            },
+            t,
+        );
+        assert!(b.take(t) && b.take(t));
+        assert!(!b.take(t));
+        assert!(b.take(t + Duration::from_millis(100)));
+        let off = ConnBudget::new(
+            Budget {
+                per_second: 0.0,
+                burst: 0,
+            },
+            t,
+        );
+        assert!((0..1000).all(|_| off.take(t)));
+    }
+
+    #[test]
+    fn jitter_stays_within_ten_percent() {
+        for _ in 0..100 {
+            let j = jittered(Duration::from_secs(100));
+            assert!(
+                j >= Duration::from_secs(90) && j <= Duration::from_secs(110),
+                "{j:?}"
+            );
+        }
+    }
+}
