@@ -242,6 +242,7 @@ struct FileLimits {
     stream_budget: FileBudget,
     reset_budget: FileBudget,
     max_signing_queue: usize,
+    max_calls_in_flight: usize,
 }
 
 /// A token bucket as written: `{ per_second, burst }`.
@@ -295,7 +296,7 @@ impl Default for FileLimits {
             max_concurrent_handshakes: 1024,
             listen_backlog: 4096,
             max_header_list_bytes: 32 * 1024,
-            idle_timeout: "5m".into(),
+            idle_timeout: "60s".into(),
             body_timeout: "10s".into(),
             drain_timeout: "15s".into(),
             stream_budget: FileBudget {
@@ -307,6 +308,7 @@ impl Default for FileLimits {
                 burst: 200,
             },
             max_signing_queue: 4096,
+            max_calls_in_flight: 10_000,
         }
     }
 }
@@ -551,6 +553,9 @@ pub struct Limits {
     pub reset_budget: Budget,
     /// Signatures waiting for a signer thread; past it requests get `RESOURCE_EXHAUSTED`.
     pub max_signing_queue: usize,
+    /// Calls in progress across all connections (from their headers to their
+    /// answer); past it new calls get `RESOURCE_EXHAUSTED` at once.
+    pub max_calls_in_flight: usize,
 }
 
 /// A token bucket: `burst` at once, refilled at `per_second`.
@@ -969,7 +974,14 @@ impl FileConfig {
             stream_budget: budget("limits.stream_budget", l.stream_budget)?,
             reset_budget: budget("limits.reset_budget", l.reset_budget)?,
             max_signing_queue: l.max_signing_queue,
+            max_calls_in_flight: l.max_calls_in_flight,
         };
+        if !(1..=10_000_000).contains(&limits.max_calls_in_flight) {
+            return Err(invalid(
+                "limits.max_calls_in_flight",
+                "must be between 1 and 10000000",
+            ));
+        }
         if !(4096..=1024 * 1024).contains(&limits.max_header_list_bytes) {
             return Err(invalid(
                 "limits.max_header_list_bytes",
@@ -1330,6 +1342,17 @@ mod tests {
         assert!(matches!(c.server_tls, ServerTls::Issued { .. }));
         assert_eq!(c.limits.max_connection_age, Duration::from_secs(1800));
         assert_eq!(c.limits.max_connection_age_grace, Duration::from_secs(10));
+        // The abuse limits are on by default.
+        assert_eq!(c.limits.idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.limits.body_timeout, Duration::from_secs(10));
+        assert!(c.limits.stream_budget.is_enabled() && c.limits.reset_budget.is_enabled());
+        assert_eq!(c.limits.max_calls_in_flight, 10_000);
+        assert!(c.rate_limits.per_caller.is_enabled());
+        assert!(c.rate_limits.per_node_agent.is_enabled());
+        assert!(c.rate_limits.failed_auth_per_address.is_enabled());
+        // A budget switched off needs no burst.
+        let off = Config::from_yaml("rate_limits: { per_caller: { per_second: 0 } }").unwrap();
+        assert!(!off.rate_limits.per_caller.is_enabled());
     }
 
     #[test]
@@ -1394,6 +1417,46 @@ policy: { default_ttl: "24h", max_ttl: "2160h" }
                 "limits: { max_connection_age_grace: 2h }",
                 "limits.max_connection_age_grace",
             ),
+            ("limits: { idle_timeout: 10ms }", "limits.idle_timeout"),
+            ("limits: { body_timeout: 0s }", "limits.body_timeout"),
+            (
+                "limits: { body_timeout: 1m, request_timeout: 30s }",
+                "limits.body_timeout",
+            ),
+            ("limits: { drain_timeout: 1h }", "limits.drain_timeout"),
+            (
+                "limits: { max_header_list_bytes: 100 }",
+                "limits.max_header_list_bytes",
+            ),
+            (
+                "limits: { max_signing_queue: 0 }",
+                "limits.max_signing_queue",
+            ),
+            (
+                "limits: { max_calls_in_flight: 0 }",
+                "limits.max_calls_in_flight",
+            ),
+            (
+                "limits: { stream_budget: { per_second: 5 } }",
+                "limits.stream_budget.burst",
+            ),
+            (
+                "limits: { reset_budget: { per_second: -1, burst: 1 } }",
+                "limits.reset_budget.per_second",
+            ),
+            (
+                "rate_limits: { per_caller: { per_second: .nan, burst: 1 } }",
+                "rate_limits.per_caller.per_second",
+            ),
+            (
+                "rate_limits: { per_node_agent: { per_second: 1, burst: 0 } }",
+                "rate_limits.per_node_agent.burst",
+            ),
+            (
+                "rate_limits: { failed_auth_per_address: { per_second: 1e12, burst: 1 } }",
+                "rate_limits.failed_auth_per_address.per_second",
+            ),
+            ("rate_limits: { max_tracked: 0 }", "rate_limits.max_tracked"),
         ];
         for (yaml, key) in cases {
             let err = Config::from_yaml(yaml).unwrap_err().to_string();

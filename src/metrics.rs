@@ -54,7 +54,7 @@ pub struct Metrics {
     /// closed when their grace ran out (forced).
     pub connections_closed: IntCounterVec,
     /// `meshsign_requests_refused_early_total{reason}`: calls refused before
-    /// the CA service read them (body_timeout, too_large, decode, stream_budget,
+    /// the CA service read them (calls_in_flight, body_timeout, too_large, decode, stream_budget,
     /// unimplemented, deadline).
     pub refused_early: IntCounterVec,
     /// `meshsign_requests_shed_total{reason}`: calls refused by a rate limit
@@ -162,7 +162,7 @@ impl Metrics {
         )?;
         let refused_early = labelled(
             "meshsign_requests_refused_early_total",
-            "Calls refused before the CA service read them, by reason (body_timeout, too_large, \
+            "Calls refused before the CA service read them, by reason (calls_in_flight, body_timeout, too_large, \
              decode, stream_budget, unimplemented, deadline).",
             "reason",
         )?;

@@ -11,7 +11,10 @@
 //!   them (the late-reset attack), or opens streams faster than its budget,
 //!   gets a GOAWAY;
 //! - per-caller and failed-authentication rate limits answer
-//!   `RESOURCE_EXHAUSTED`, per pod and per address.
+//!   `RESOURCE_EXHAUSTED`, per pod and per address, and so does a server
+//!   with `max_calls_in_flight` calls in progress;
+//! - shutdown answers the calls in flight and is bounded by `drain_timeout`
+//!   (what `SIGTERM` runs).
 
 mod common;
 
@@ -329,4 +332,102 @@ async fn an_address_that_keeps_failing_authentication_waits_but_mtls_callers_do_
     wl.obtain(&mtls, None, 600)
         .await
         .expect("an mTLS renewal from a throttled address");
+}
+
+#[tokio::test]
+async fn calls_in_flight_are_bounded_across_connections() {
+    let ts = TestServer::dev("limits: { max_calls_in_flight: 2, body_timeout: 10s }\n").await;
+    let token = ts.token("default", "sleep");
+    let wl = Workload::new("default", "sleep", WorkloadKeyType::EcdsaP256);
+    // Two held streams (headers, no body), on two connections, fill the server.
+    let mut a = RawConn::open(&ts).await;
+    let mut b = RawConn::open(&ts).await;
+    let (_ra, mut held_a) = a.open_stream(&token).await.unwrap();
+    let (_rb, mut held_b) = b.open_stream(&token).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let refused = wl
+        .obtain(&ts.endpoint(), Some(&token), 600)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.0, Code::ResourceExhausted, "{}", refused.1);
+    assert_eq!(
+        ts.metric("meshsign_requests_refused_early_total{reason=\"calls_in_flight\"}")
+            .await,
+        1.0
+    );
+    // Released, the room is there again.
+    held_a.send_reset(h2::Reason::CANCEL);
+    held_b.send_reset(h2::Reason::CANCEL);
+    eventually(
+        "no room after the held calls ended",
+        Duration::from_secs(5),
+        || async { wl.obtain(&ts.endpoint(), Some(&token), 600).await.is_ok() },
+    )
+    .await;
+}
+
+/// The gRPC frame of a CreateCertificate request for `csr`.
+fn grpc_frame(csr: String) -> Bytes {
+    use prost::Message;
+    let msg = meshsign::proto::IstioCertificateRequest {
+        csr,
+        validity_duration: 600,
+        metadata: None,
+    }
+    .encode_to_vec();
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&msg);
+    Bytes::from(frame)
+}
+
+#[tokio::test]
+async fn shutdown_finishes_calls_in_flight_and_is_bounded() {
+    let ts = TestServer::dev("limits: { drain_timeout: 2s, body_timeout: 20s }\n").await;
+    let token = ts.token("default", "sleep");
+    let wl = Workload::new("default", "sleep", WorkloadKeyType::EcdsaP256);
+    // A call in flight: headers sent, body not yet.
+    let mut conn = RawConn::open(&ts).await;
+    let (response, mut body) = conn.open_stream(&token).await.unwrap();
+    // A second one that will never send its body.
+    let mut stuck = RawConn::open(&ts).await;
+    let (_stuck_response, _stuck_body) = stuck.open_stream(&token).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let addr = ts.server.local_addr;
+    let started = std::time::Instant::now();
+    let stopping = tokio::spawn(ts.server.shutdown());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The listener is closed at once: no new connections.
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "still accepting after shutdown began"
+    );
+    // The call in flight is finished and answered during the drain.
+    body.send_data(grpc_frame(wl.csr()), true).unwrap();
+    let response = response.await.expect("the in-flight call is answered");
+    assert_eq!(response.status(), 200);
+    let mut recv = response.into_body();
+    let mut got = 0;
+    while let Some(chunk) = recv.data().await {
+        got += chunk.unwrap().len();
+    }
+    let trailers = recv.trailers().await.unwrap().expect("trailers");
+    assert_eq!(
+        trailers.get("grpc-status").map(|v| v.as_bytes()),
+        Some(&b"0"[..]),
+        "{trailers:?}"
+    );
+    assert!(got > 500, "a certificate chain was returned ({got} bytes)");
+    // The stuck call cannot hold the shutdown past drain_timeout.
+    tokio::time::timeout(Duration::from_secs(5), stopping)
+        .await
+        .expect("shutdown bounded by drain_timeout")
+        .unwrap()
+        .unwrap();
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(1500) && took < Duration::from_secs(4),
+        "shutdown took {took:?} with a stuck call and drain_timeout 2s"
+    );
 }

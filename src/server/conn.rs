@@ -20,6 +20,10 @@
 //! - **shutdown**: a GOAWAY to every connection, then `drain_timeout` for the
 //!   calls in flight before connections are closed.
 //!
+//! Server-wide: at most `max_calls_in_flight` calls in progress; past it a
+//! new call is refused at once (`RESOURCE_EXHAUSTED`), so held streams cannot
+//! add up across connections.
+//!
 //! Per stream: the body of a unary call must arrive within `body_timeout` of
 //! its headers and be at most `max_request_bytes`; the whole call (answer
 //! included) within `request_timeout` or the client's `grpc-timeout`,
@@ -31,7 +35,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::pin::{pin, Pin};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -85,6 +89,7 @@ pub struct ConnSettings {
     pub stream_budget: Budget,
     pub reset_budget: Budget,
     pub drain_timeout: Duration,
+    pub max_calls_in_flight: usize,
 }
 
 impl ConnSettings {
@@ -103,6 +108,7 @@ impl ConnSettings {
             stream_budget: l.stream_budget,
             reset_budget: l.reset_budget,
             drain_timeout: l.drain_timeout,
+            max_calls_in_flight: l.max_calls_in_flight,
         }
     }
 }
@@ -139,6 +145,7 @@ pub async fn serve<I>(
         routes,
         settings,
         observers,
+        calls_in_flight: AtomicUsize::new(0),
     });
     let (drain_tx, drain_rx) = watch::channel(false);
     {
@@ -170,6 +177,8 @@ struct Shared {
     routes: Routes,
     settings: ConnSettings,
     observers: ConnObservers,
+    /// Calls in progress on every connection (`max_calls_in_flight`).
+    calls_in_flight: AtomicUsize,
 }
 
 /// Why meshsign ended a connection.
@@ -359,18 +368,26 @@ fn jittered(d: Duration) -> Duration {
 /// answer was abandoned by the client and spends the reset budget.
 struct StreamGuard {
     state: Arc<ConnState>,
+    shared: Arc<Shared>,
     finished: AtomicBool,
     reset_budget: bool,
 }
 
 impl StreamGuard {
-    fn new(state: Arc<ConnState>, reset_budget: bool) -> Self {
+    /// Also returns how many calls were in flight server-wide before this one.
+    fn new(state: Arc<ConnState>, shared: Arc<Shared>) -> (Self, usize) {
         state.in_flight.fetch_add(1, Ordering::AcqRel);
-        Self {
-            state,
-            finished: AtomicBool::new(false),
-            reset_budget,
-        }
+        let before = shared.calls_in_flight.fetch_add(1, Ordering::AcqRel);
+        let reset_budget = shared.settings.reset_budget.is_enabled();
+        (
+            Self {
+                state,
+                shared,
+                finished: AtomicBool::new(false),
+                reset_budget,
+            },
+            before,
+        )
     }
 
     fn finish(&self) {
@@ -395,6 +412,7 @@ impl Drop for StreamGuard {
         let ms = s.opened_at.elapsed().as_millis() as u64;
         s.last_call_end_ms.fetch_max(ms, Ordering::AcqRel);
         s.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.shared.calls_in_flight.fetch_sub(1, Ordering::AcqRel);
         if self.reset_budget
             && !self.finished.load(Ordering::Acquire)
             && !s.resets.take(Instant::now())
@@ -444,7 +462,16 @@ async fn handle(
 ) -> Response<StreamBody> {
     let settings = &shared.settings;
     let started = Instant::now();
-    let guard = StreamGuard::new(state.clone(), settings.reset_budget.is_enabled());
+    let (guard, in_flight) = StreamGuard::new(state.clone(), shared.clone());
+    if in_flight >= settings.max_calls_in_flight {
+        return refuse(
+            &shared,
+            &state,
+            guard,
+            "calls_in_flight",
+            Status::resource_exhausted("too many calls in progress, retry later"),
+        );
+    }
     if !state.streams.take(started) {
         state.flag(CloseReason::StreamBudget);
         return refuse(

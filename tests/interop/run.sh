@@ -94,7 +94,9 @@ port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 free_port() {
     local p
     for _ in $(seq 1 100); do
-        p=$((20000 + RANDOM % 40000))
+        # Below the kernel's ephemeral range (32768+): an outgoing connection
+        # (to the API server, etcd...) cannot take the port before meshsign binds it.
+        p=$((20000 + RANDOM % 12000))
         if ! port_open "$p"; then
             echo "$p"
             return 0

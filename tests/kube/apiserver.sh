@@ -69,7 +69,14 @@ build() {
 }
 
 free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+    python3 -c 'import random,socket
+# Below the kernel ephemeral range (32768+), so outgoing connections cannot take it before we bind it.
+for _ in range(200):
+    p = random.randint(20000, 32000); s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try: s.bind(("127.0.0.1", p)); print(p); break
+    except OSError: pass
+    finally: s.close()
+else: raise SystemExit("no free port")'
 }
 
 wait_for() { # URL CURL-ARGS... ; up to 60 s
