@@ -257,7 +257,8 @@ struct FileBudget {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct FileRateLimits {
-    per_caller: FileBudget,
+    /// `None`: the default, which depends on the CA (see `validate`).
+    per_caller: Option<FileBudget>,
     per_node_agent: FileBudget,
     failed_auth_per_address: FileBudget,
     max_tracked: usize,
@@ -266,10 +267,7 @@ struct FileRateLimits {
 impl Default for FileRateLimits {
     fn default() -> Self {
         Self {
-            per_caller: FileBudget {
-                per_second: 10.0,
-                burst: 100,
-            },
+            per_caller: None,
             per_node_agent: FileBudget {
                 per_second: 100.0,
                 burst: 1000,
@@ -286,8 +284,8 @@ impl Default for FileRateLimits {
 impl Default for FileLimits {
     fn default() -> Self {
         Self {
-            max_request_bytes: 64 * 1024,
-            max_concurrent_streams: 1024,
+            max_request_bytes: 32 * 1024,
+            max_concurrent_streams: 128,
             handshake_timeout: "10s".into(),
             request_timeout: "30s".into(),
             max_connection_age: "30m".into(),
@@ -297,7 +295,7 @@ impl Default for FileLimits {
             listen_backlog: 4096,
             max_header_list_bytes: 32 * 1024,
             idle_timeout: "60s".into(),
-            body_timeout: "10s".into(),
+            body_timeout: "5s".into(),
             drain_timeout: "15s".into(),
             stream_budget: FileBudget {
                 per_second: 2000.0,
@@ -662,6 +660,13 @@ fn duration(key: &str, value: &str) -> Result<Duration, ConfigError> {
     })
 }
 
+/// `rate_limits.per_caller` for a plug-in CA: a pod needs one or two
+/// certificates at start and one per renewal.
+pub const DEFAULT_PER_CALLER: Budget = Budget {
+    per_second: 1.0,
+    burst: 5,
+};
+
 /// A token bucket: `per_second` 0 switches it off; otherwise `burst` ≥ 1.
 fn budget(key: &str, b: FileBudget) -> Result<Budget, ConfigError> {
     if !b.per_second.is_finite() || b.per_second < 0.0 || b.per_second > 1e9 {
@@ -1011,7 +1016,16 @@ impl FileConfig {
         }
         let r = &self.rate_limits;
         let rate_limits = RateLimits {
-            per_caller: budget("rate_limits.per_caller", r.per_caller)?,
+            // A dev CA (its own token issuer, a developer or a test suite
+            // hammering it) has no per-caller budget unless one is set.
+            per_caller: match (r.per_caller, &ca) {
+                (Some(b), _) => budget("rate_limits.per_caller", b)?,
+                (None, CaSource::Dev) => Budget {
+                    per_second: 0.0,
+                    burst: 0,
+                },
+                (None, CaSource::Dir(_)) => DEFAULT_PER_CALLER,
+            },
             per_node_agent: budget("rate_limits.per_node_agent", r.per_node_agent)?,
             failed_auth_per_address: budget(
                 "rate_limits.failed_auth_per_address",
@@ -1344,10 +1358,13 @@ mod tests {
         assert_eq!(c.limits.max_connection_age_grace, Duration::from_secs(10));
         // The abuse limits are on by default.
         assert_eq!(c.limits.idle_timeout, Duration::from_secs(60));
-        assert_eq!(c.limits.body_timeout, Duration::from_secs(10));
+        assert_eq!(c.limits.body_timeout, Duration::from_secs(5));
         assert!(c.limits.stream_budget.is_enabled() && c.limits.reset_budget.is_enabled());
         assert_eq!(c.limits.max_calls_in_flight, 10_000);
-        assert!(c.rate_limits.per_caller.is_enabled());
+        // Dev mode: no per-caller budget unless set; a plug-in CA has one.
+        assert!(!c.rate_limits.per_caller.is_enabled());
+        let plugged = Config::from_yaml("ca: { dir: /etc/cacerts }").unwrap();
+        assert_eq!(plugged.rate_limits.per_caller, DEFAULT_PER_CALLER);
         assert!(c.rate_limits.per_node_agent.is_enabled());
         assert!(c.rate_limits.failed_auth_per_address.is_enabled());
         // A budget switched off needs no burst.

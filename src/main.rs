@@ -8,6 +8,13 @@
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// jemalloc's settings: a background thread returns freed pages to the
+/// system within about a second (jemalloc's default keeps them ~10 s and only
+/// purges while allocating), so memory a flood of connections made us hold
+/// goes back once the flood ends.
+#[export_name = "_rjem_malloc_conf"]
+pub static MALLOC_CONF: &[u8] = b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;

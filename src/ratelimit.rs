@@ -3,11 +3,12 @@
 //! Three budgets, each switched off by `per_second: 0`:
 //!
 //! - **per caller**, after authentication: keyed by the caller's SPIFFE
-//!   identity, its cluster, and its pod when the credential names one (bound
-//!   service-account tokens do). Keying by pod means the replicas of one
-//!   Deployment, which share an identity, do not share a budget; keying by
-//!   identity, never by IP, means callers behind one load balancer do not
-//!   share one either.
+//!   identity, its cluster, and the instance when the credential names one:
+//!   the pod of a bound service-account token, or the client certificate an
+//!   mTLS renewal presents (each replica holds its own). So the replicas of
+//!   one Deployment, which share an identity, do not share a budget; and
+//!   keying by identity, never by IP, means callers behind one load balancer
+//!   do not share one either.
 //! - **per node agent** (the trusted node accounts, i.e. ztunnel): the same
 //!   key, so one budget per ztunnel pod, which is one per node. ztunnel asks
 //!   for every pod on its node under its own identity, so its budget is sized
@@ -207,9 +208,12 @@ impl RateLimiter {
 
     /// After authentication: takes a token from the caller's budget
     /// (`node_agent`: the trusted node account's budget instead).
+    /// `client_certificate`: the certificate the caller authenticated with,
+    /// which tells replicas apart when no pod is named.
     pub fn admit(
         &self,
         caller: &CallerIdentity,
+        client_certificate: Option<&[u8]>,
         node_agent: bool,
         now_ms: u64,
     ) -> Result<(), Spent> {
@@ -223,6 +227,7 @@ impl RateLimiter {
             &caller.id,
             caller.cluster.as_deref().map(|c| c.id.as_str()),
             caller.pod.as_ref().map(|p| p.name.as_str()),
+            client_certificate,
         ));
         if b.take(key, now_ms) {
             Ok(())
@@ -327,13 +332,22 @@ mod tests {
         };
         let r = RateLimiter::new(&limits);
         let (p1, p2) = (caller(Some("web-1")), caller(Some("web-2")));
-        assert_eq!(r.admit(&p1, false, 0), Ok(()));
-        assert_eq!(r.admit(&p1, false, 0), Ok(()));
-        assert_eq!(r.admit(&p1, false, 0), Err(Spent::Caller));
-        assert_eq!(r.admit(&p2, false, 0), Ok(()));
+        assert_eq!(r.admit(&p1, None, false, 0), Ok(()));
+        assert_eq!(r.admit(&p1, None, false, 0), Ok(()));
+        assert_eq!(r.admit(&p1, None, false, 0), Err(Spent::Caller));
+        assert_eq!(r.admit(&p2, None, false, 0), Ok(()));
+        // Without a pod, each client certificate is its own instance.
+        let shared = caller(None);
+        assert_eq!(r.admit(&shared, Some(b"cert-1"), false, 0), Ok(()));
+        assert_eq!(r.admit(&shared, Some(b"cert-1"), false, 0), Ok(()));
+        assert_eq!(
+            r.admit(&shared, Some(b"cert-1"), false, 0),
+            Err(Spent::Caller)
+        );
+        assert_eq!(r.admit(&shared, Some(b"cert-2"), false, 0), Ok(()));
         // The node-agent budget is separate from the caller budget.
-        assert_eq!(r.admit(&p2, true, 0), Ok(()));
-        assert_eq!(r.admit(&p2, true, 0), Err(Spent::NodeAgent));
+        assert_eq!(r.admit(&p2, None, true, 0), Ok(()));
+        assert_eq!(r.admit(&p2, None, true, 0), Err(Spent::NodeAgent));
         // Failed authentications: one allowed, then the address waits.
         let ip: IpAddr = "192.0.2.7".parse().unwrap();
         assert!(r.address_may_try(ip, 0));
@@ -346,7 +360,7 @@ mod tests {
     fn disabled_budgets_refuse_nothing() {
         let r = RateLimiter::disabled();
         for _ in 0..1000 {
-            assert_eq!(r.admit(&caller(None), false, 0), Ok(()));
+            assert_eq!(r.admit(&caller(None), None, false, 0), Ok(()));
             r.failed_authentication("192.0.2.1".parse().unwrap(), 0);
         }
         assert!(r.address_may_try("192.0.2.1".parse().unwrap(), 0));

@@ -78,30 +78,33 @@ async fn connections_past_the_limit_are_closed_and_held_ones_keep_working() {
 }
 
 #[tokio::test]
-async fn stalled_handshakes_cannot_take_more_than_their_share() {
+async fn stalled_handshakes_make_room_for_new_ones() {
     let ts =
-        TestServer::dev("limits: { max_concurrent_handshakes: 2, handshake_timeout: 1s }\n").await;
+        TestServer::dev("limits: { max_concurrent_handshakes: 2, handshake_timeout: 10s }\n").await;
     let wl = Workload::new("default", "sleep", WorkloadKeyType::EcdsaP256);
     let token = ts.token("default", "sleep");
     // Two connections that never send a ClientHello hold both slots...
-    let _stalled: Vec<TcpStream> = vec![
+    let mut stalled: Vec<TcpStream> = vec![
         TcpStream::connect(ts.server.local_addr).await.unwrap(),
         TcpStream::connect(ts.server.local_addr).await.unwrap(),
     ];
     tokio::time::sleep(Duration::from_millis(100)).await;
-    // ...so a third is closed at once rather than queued behind them.
-    let mut third = TcpStream::connect(ts.server.local_addr).await.unwrap();
-    assert!(closed_at_once(&mut third, Duration::from_millis(500)).await);
+    // ...but a real client still gets through at once (well before the 10 s
+    // handshake timeout): the longest-waiting handshakes are closed for it.
+    let started = std::time::Instant::now();
+    wl.obtain(&ts.endpoint(), Some(&token), 600)
+        .await
+        .expect("a real client gets through stalled handshakes");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(
+        closed_at_once(&mut stalled[0], Duration::from_secs(1)).await,
+        "the oldest stalled handshake was kept"
+    );
     assert!(
         ts.metric("meshsign_connections_refused_total{reason=\"max_handshakes\"}")
             .await
             >= 1.0
     );
-    // The handshake deadline frees the slots; workloads get through again.
-    eventually("slots never freed", Duration::from_secs(5), || async {
-        wl.obtain(&ts.endpoint(), Some(&token), 600).await.is_ok()
-    })
-    .await;
 }
 
 /// A raw HTTP/2 connection (h2 over TLS) to the test server, for what a
@@ -334,34 +337,66 @@ async fn an_address_that_keeps_failing_authentication_waits_but_mtls_callers_do_
         .expect("an mTLS renewal from a throttled address");
 }
 
+/// Opens `n` bodiless CreateCertificate streams on `conn`; returns the held
+/// ones and how many were refused at once with `RESOURCE_EXHAUSTED`.
+async fn hold_streams(
+    conn: &mut RawConn,
+    token: &str,
+    n: usize,
+) -> (Vec<h2::SendStream<Bytes>>, usize) {
+    let (mut held, mut refused) = (Vec::new(), 0);
+    for _ in 0..n {
+        let (response, body) = conn.open_stream(token).await.unwrap();
+        match tokio::time::timeout(Duration::from_millis(300), response).await {
+            Ok(Ok(r)) => {
+                assert_eq!(grpc_status(&r), Some(Code::ResourceExhausted));
+                refused += 1;
+            }
+            Ok(Err(e)) => panic!("stream failed: {e}"),
+            Err(_) => held.push(body), // no answer: the server holds it, waiting for its body
+        }
+    }
+    (held, refused)
+}
+
 #[tokio::test]
-async fn calls_in_flight_are_bounded_across_connections() {
-    let ts = TestServer::dev("limits: { max_calls_in_flight: 2, body_timeout: 10s }\n").await;
+async fn calls_in_flight_are_bounded_without_locking_out_light_connections() {
+    let ts = TestServer::dev("limits: { max_calls_in_flight: 10, body_timeout: 20s }\n").await;
     let token = ts.token("default", "sleep");
     let wl = Workload::new("default", "sleep", WorkloadKeyType::EcdsaP256);
-    // Two held streams (headers, no body), on two connections, fill the server.
-    let mut a = RawConn::open(&ts).await;
-    let mut b = RawConn::open(&ts).await;
-    let (_ra, mut held_a) = a.open_stream(&token).await.unwrap();
-    let (_rb, mut held_b) = b.open_stream(&token).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let refused = wl
-        .obtain(&ts.endpoint(), Some(&token), 600)
+    let ep = ts.endpoint();
+    // One connection holds 10 calls: the server is at its soft limit, and
+    // that heavy connection gets no more.
+    let mut heavy = RawConn::open(&ts).await;
+    let (mut held, refused) = hold_streams(&mut heavy, &token, 12).await;
+    assert_eq!((held.len(), refused), (10, 2));
+    // A client with a single call still gets through.
+    wl.obtain(&ep, Some(&token), 600)
         .await
-        .unwrap_err();
-    assert_eq!(refused.0, Code::ResourceExhausted, "{}", refused.1);
+        .expect("a light connection is served past the soft limit");
+    // Light connections fill the rest, up to twice the limit...
+    for _ in 0..2 {
+        let mut light = RawConn::open(&ts).await;
+        let (more, refused) = hold_streams(&mut light, &token, 5).await;
+        assert_eq!((more.len(), refused), (5, 0));
+        held.extend(more);
+    }
+    // ...where everyone waits.
+    let e = wl.obtain(&ep, Some(&token), 600).await.unwrap_err();
+    assert_eq!(e.0, Code::ResourceExhausted, "{}", e.1);
     assert_eq!(
         ts.metric("meshsign_requests_refused_early_total{reason=\"calls_in_flight\"}")
             .await,
-        1.0
+        3.0
     );
     // Released, the room is there again.
-    held_a.send_reset(h2::Reason::CANCEL);
-    held_b.send_reset(h2::Reason::CANCEL);
+    for mut h in held {
+        h.send_reset(h2::Reason::CANCEL);
+    }
     eventually(
         "no room after the held calls ended",
         Duration::from_secs(5),
-        || async { wl.obtain(&ts.endpoint(), Some(&token), 600).await.is_ok() },
+        || async { wl.obtain(&ep, Some(&token), 600).await.is_ok() },
     )
     .await;
 }

@@ -11,8 +11,13 @@
 //! - `floor` the unavoidable cryptography per certificate on one core;
 //! - `kube-setup` creates one node's worth of pods, service accounts and
 //!   pod-bound tokens on a Kubernetes API server for the Kubernetes path
-//!   (`pool --tokens`, `run --requests --count-token-reviews`).
+//!   (`pool --tokens`, `run --requests --count-token-reviews`);
+//! - `abuse` one hostile client (idle connections, slow handshakes, floods,
+//!   rapid and late resets, CONTINUATION floods, held streams, oversized and
+//!   nested requests) with legitimate renewals alongside, and `abuse-report`
+//!   the table of those runs and their targets (`bench/abuse`).
 
+mod abuse;
 mod floor;
 mod kube_setup;
 mod kubemetrics;
@@ -47,6 +52,10 @@ enum Command {
     /// Create workloads (service accounts, pods, pod-bound tokens) and a node
     /// agent on a Kubernetes API server.
     KubeSetup(kube_setup::KubeSetupArgs),
+    /// One attack against a running CA, with legitimate renewals alongside.
+    Abuse(abuse::AbuseArgs),
+    /// The Markdown table of `abuse` results; fails if a target was missed.
+    AbuseReport(abuse::ReportArgs),
 }
 
 /// How to reach the CA under test.
@@ -89,6 +98,8 @@ fn main() -> ExitCode {
         Command::Run(args) => runtime().and_then(|rt| rt.block_on(load::run(args))),
         Command::Storm(args) => runtime().and_then(|rt| rt.block_on(storm::run(args))),
         Command::KubeSetup(args) => runtime().and_then(|rt| rt.block_on(kube_setup::run(args))),
+        Command::Abuse(args) => abuse::run(args),
+        Command::AbuseReport(args) => abuse::report(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -20,9 +20,11 @@
 //! - **shutdown**: a GOAWAY to every connection, then `drain_timeout` for the
 //!   calls in flight before connections are closed.
 //!
-//! Server-wide: at most `max_calls_in_flight` calls in progress; past it a
-//! new call is refused at once (`RESOURCE_EXHAUSTED`), so held streams cannot
-//! add up across connections.
+//! Server-wide: past `max_calls_in_flight` calls in progress, a connection
+//! that already has its fair share (8) in progress gets `RESOURCE_EXHAUSTED`
+//! for a new one, and past twice that every connection does: held streams
+//! cannot add up across connections, and the connections holding them cannot
+//! lock out a client with a call or two.
 //!
 //! Per stream: the body of a unary call must arrive within `body_timeout` of
 //! its headers and be at most `max_request_bytes`; the whole call (answer
@@ -353,6 +355,22 @@ async fn serve_connection(conn: Conn, shared: Arc<Shared>, mut drain: watch::Rec
     drop(drain);
 }
 
+/// Calls one connection may have in progress and still start another once
+/// the server is past `max_calls_in_flight`.
+const FAIR_SHARE: u32 = 8;
+
+/// Past `max` calls in flight server-wide, only connections with fewer than
+/// [`FAIR_SHARE`] calls of their own may start another (a few connections
+/// holding many streams cannot lock everyone else out); past twice `max`,
+/// none may.
+fn over_calls_in_flight(server_wide: usize, conn: &ConnState, max: usize) -> bool {
+    if server_wide < max {
+        return false;
+    }
+    // This call is already counted in the connection's in_flight.
+    server_wide >= max.saturating_mul(2) || conn.in_flight.load(Ordering::Acquire) > FAIR_SHARE
+}
+
 /// `d` ± 10%, so a burst of connections does not come back as one burst.
 fn jittered(d: Duration) -> Duration {
     use aws_lc_rs::rand::SecureRandom;
@@ -463,15 +481,6 @@ async fn handle(
     let settings = &shared.settings;
     let started = Instant::now();
     let (guard, in_flight) = StreamGuard::new(state.clone(), shared.clone());
-    if in_flight >= settings.max_calls_in_flight {
-        return refuse(
-            &shared,
-            &state,
-            guard,
-            "calls_in_flight",
-            Status::resource_exhausted("too many calls in progress, retry later"),
-        );
-    }
     if !state.streams.take(started) {
         state.flag(CloseReason::StreamBudget);
         return refuse(
@@ -480,6 +489,15 @@ async fn handle(
             guard,
             "stream_budget",
             Status::unavailable("connection over its stream budget: reconnect"),
+        );
+    }
+    if over_calls_in_flight(in_flight, &state, settings.max_calls_in_flight) {
+        return refuse(
+            &shared,
+            &state,
+            guard,
+            "calls_in_flight",
+            Status::resource_exhausted("too many calls in progress, retry later"),
         );
     }
     let deadline = started

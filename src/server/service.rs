@@ -141,8 +141,14 @@ impl CertificateService {
             Err(e) => return Err(RequestError::Unauthenticated(e)),
         };
         let requested = impersonated_identity(request);
+        let instance = match caller.source {
+            crate::auth::AuthSource::ClientCertificate => peer
+                .and_then(|p| p.client_certificate.as_ref())
+                .map(|c| c.as_ref()),
+            _ => None,
+        };
         self.limiter
-            .admit(&caller, requested.is_some(), now_ms)
+            .admit(&caller, instance, requested.is_some(), now_ms)
             .map_err(RequestError::RateLimited)?;
 
         // The identity the leaf is for: the caller's own, or (ztunnel) the

@@ -206,10 +206,81 @@ pub struct ConnLimits {
     /// Open connections (handshaking or established); past it a new
     /// connection is accepted and closed at once.
     pub max_connections: usize,
-    /// TLS handshakes in progress; past it likewise.
+    /// TLS handshakes in progress; past it the longest-waiting handshake is
+    /// closed to make room (a stalled handshake is the one a stranger holds;
+    /// a real client's takes milliseconds).
     pub max_handshakes: usize,
     /// `meshsign_connections_refused_total{reason}`: max_connections, max_handshakes.
     pub refused: prometheus::IntCounterVec,
+}
+
+/// The handshakes in progress, oldest first, each with a way to cancel it.
+struct Handshakes {
+    max: usize,
+    inner: std::sync::Mutex<HandshakeSet>,
+}
+
+#[derive(Default)]
+struct HandshakeSet {
+    next_id: u64,
+    /// Ids in start order; ids already ended are skipped lazily.
+    order: std::collections::VecDeque<u64>,
+    cancel: std::collections::HashMap<u64, Arc<tokio::sync::Notify>>,
+}
+
+impl Handshakes {
+    fn new(max: usize) -> Self {
+        Self {
+            max: max.max(1),
+            inner: std::sync::Mutex::new(HandshakeSet::default()),
+        }
+    }
+
+    /// Registers a new handshake; when `max` are already in progress the
+    /// oldest is cancelled (returns true then).
+    fn begin(&self) -> (u64, bool) {
+        let Ok(mut set) = self.inner.lock() else {
+            return (u64::MAX, false);
+        };
+        let mut evicted = false;
+        while set.cancel.len() >= self.max {
+            let Some(oldest) = set.order.pop_front() else {
+                break;
+            };
+            if let Some(cancel) = set.cancel.remove(&oldest) {
+                cancel.notify_one();
+                evicted = true;
+            }
+        }
+        if set.order.len() > 4 * self.max {
+            let HandshakeSet { order, cancel, .. } = &mut *set;
+            order.retain(|id| cancel.contains_key(id));
+        }
+        let id = set.next_id;
+        set.next_id += 1;
+        set.order.push_back(id);
+        set.cancel.insert(id, Arc::new(tokio::sync::Notify::new()));
+        (id, evicted)
+    }
+
+    /// Resolves when handshake `id` is cancelled.
+    async fn cancelled(&self, id: u64) {
+        let notify = self
+            .inner
+            .lock()
+            .ok()
+            .and_then(|set| set.cancel.get(&id).cloned());
+        match notify {
+            Some(n) => n.notified().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    fn end(&self, id: u64) {
+        if let Ok(mut set) = self.inner.lock() {
+            set.cancel.remove(&id);
+        }
+    }
 }
 
 /// Accepts connections on `listener` and yields them once their handshake is
@@ -225,7 +296,7 @@ pub fn incoming(
     let acceptor = tls.map(TlsAcceptor::from);
     let handshake_timeout = limits.handshake_timeout;
     let connections = Arc::new(Semaphore::new(limits.max_connections));
-    let handshakes = Arc::new(Semaphore::new(limits.max_handshakes));
+    let handshakes = Arc::new(Handshakes::new(limits.max_handshakes));
     let refused_connections = limits.refused.with_label_values(&["max_connections"]);
     let refused_handshakes = limits.refused.with_label_values(&["max_handshakes"]);
     tokio::spawn(async move {
@@ -267,14 +338,22 @@ pub fn incoming(
                 }
                 continue;
             };
-            let Ok(handshaking) = handshakes.clone().try_acquire_owned() else {
+            let (id, evicted) = handshakes.begin();
+            if evicted {
                 refused_handshakes.inc();
-                drop(tcp);
-                continue;
-            };
+            }
+            let handshakes = handshakes.clone();
             tokio::spawn(async move {
-                let handshake = tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await;
-                drop(handshaking);
+                let handshake = tokio::select! {
+                    done = tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)) => Some(done),
+                    // Closed to make room for a newer handshake.
+                    _ = handshakes.cancelled(id) => None,
+                };
+                handshakes.end(id);
+                let Some(handshake) = handshake else {
+                    tracing::debug!(%remote, "stalled TLS handshake closed to make room");
+                    return;
+                };
                 match handshake {
                     Ok(Ok(stream)) => {
                         // Also for a resumed session: rustls restores the
