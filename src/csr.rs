@@ -230,7 +230,7 @@ fn check_signature_algorithm(oid: &Oid<'_>) -> Result<(), CsrError> {
     if accepted.iter().any(|a| a == oid) {
         Ok(())
     } else {
-        Err(CsrError::SignatureAlgorithm(oid.to_id_string()))
+        Err(CsrError::SignatureAlgorithm(shown_oid(oid)))
     }
 }
 
@@ -278,14 +278,12 @@ fn check_extension<'a>(
                 ));
             }
             if let Some(other) = eku.other.first() {
-                return Err(CsrError::ExtendedKeyUsage(other.to_id_string()));
+                return Err(CsrError::ExtendedKeyUsage(shown_oid(other)));
             }
             Ok(())
         }
         ParsedExtension::SubjectKeyIdentifier(_) => Ok(()),
-        ParsedExtension::UnsupportedExtension { oid } => {
-            Err(CsrError::Extension(oid.to_id_string()))
-        }
+        ParsedExtension::UnsupportedExtension { oid } => Err(CsrError::Extension(shown_oid(oid))),
         ParsedExtension::ParseError { error } => {
             Err(CsrError::Der(format!("malformed extension: {error}")))
         }
@@ -306,10 +304,79 @@ fn general_name_kind(name: &GeneralName<'_>) -> &'static str {
     }
 }
 
+/// An OID for an error message: at most 120 characters (a CSR may carry an
+/// OID of thousands of arcs; found by fuzzing).
+fn shown_oid(oid: &x509_parser::der_parser::oid::Oid<'_>) -> String {
+    oid.to_id_string().chars().take(120).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::client::{make_csr, CsrSubject, WorkloadKeyType};
+
+    /// DER TLV with a definite length.
+    fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
+        let mut out = vec![tag];
+        let len = content.len();
+        if len < 128 {
+            out.push(len as u8);
+        } else {
+            let bytes: Vec<u8> = len
+                .to_be_bytes()
+                .into_iter()
+                .skip_while(|b| *b == 0)
+                .collect();
+            out.push(0x80 | bytes.len() as u8);
+            out.extend(bytes);
+        }
+        out.extend_from_slice(content);
+        out
+    }
+
+    /// The next TLV of `der` (tag and length as DER writes them) and the rest.
+    fn next_tlv(der: &[u8]) -> (&[u8], &[u8]) {
+        let (len, header) = match der[1] {
+            n if n < 0x80 => (usize::from(n), 2),
+            n => {
+                let k = usize::from(n & 0x7f);
+                let len = der[2..2 + k]
+                    .iter()
+                    .fold(0usize, |a, b| (a << 8) | usize::from(*b));
+                (len, 2 + k)
+            }
+        };
+        der.split_at(header + len)
+    }
+
+    #[test]
+    fn a_huge_oid_makes_a_short_error_message() {
+        // Found by fuzzing: a CSR whose signature algorithm is an OID of
+        // 10,000 bytes gave a 30,026-character status message.
+        let (_, der) = csr_pem();
+        // The outer SEQUENCE's content: CertificationRequestInfo, algorithm, signature.
+        let header = if der[1] < 0x80 {
+            2
+        } else {
+            2 + usize::from(der[1] & 0x7f)
+        };
+        let (info, rest) = next_tlv(&der[header..]);
+        let (_alg, signature) = next_tlv(rest);
+        let mut arcs = vec![0x2a];
+        arcs.extend(std::iter::repeat_n(0x81, 9_998));
+        arcs.push(0x01);
+        let alg = tlv(0x30, &tlv(0x06, &arcs));
+        let forged = tlv(0x30, &[info, &alg, signature].concat());
+        let pem = ::pem::encode(&::pem::Pem::new("CERTIFICATE REQUEST", forged));
+        let err =
+            validate(&pem, &KeyPolicy::default()).expect_err("an unknown algorithm is refused");
+        assert!(matches!(err, CsrError::SignatureAlgorithm(_)), "{err:?}");
+        assert!(
+            err.to_string().len() < 300,
+            "{} characters",
+            err.to_string().len()
+        );
+    }
 
     fn csr_pem() -> (String, Vec<u8>) {
         let key = WorkloadKeyType::EcdsaP256.generate().unwrap();

@@ -2,7 +2,8 @@
 # meshsign's test command (the one the README gives and CI runs):
 #   formatting and lints, unit and integration tests (real servers on loopback,
 #   and a real kube-apiserver + etcd for the Kubernetes features),
-#   the README quick-start, then interop with Istio's own client code and grpcurl.
+#   the README quick-start, then interop with Istio's own client code and grpcurl,
+#   a short coverage-guided fuzzing pass and the benchmark smoke.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -18,6 +19,9 @@ tests/kube/apiserver.sh build
 export MESHSIGN_REQUIRE_KUBE=1
 step "cargo test"
 cargo test
+step "fuzz smoke: AFL++ via cargo-afl, 20 s per target (cargo-afl, AFL++ and the instrumented build cached in ~/.cache/meshsign-test; fuzz/README.md)"
+(cd fuzz && cargo fmt --check)
+CARGO_TARGET_DIR="$HOME/.cache/meshsign-test/fuzz-target" fuzz/run --time 20s
 step "cargo build (binary for the shell tests)"
 cargo build --bin meshsign
 step "README quick start"
