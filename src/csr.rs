@@ -314,59 +314,27 @@ fn shown_oid(oid: &x509_parser::der_parser::oid::Oid<'_>) -> String {
 mod tests {
     use super::*;
     use crate::client::{make_csr, CsrSubject, WorkloadKeyType};
-
-    /// DER TLV with a definite length.
-    fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
-        let mut out = vec![tag];
-        let len = content.len();
-        if len < 128 {
-            out.push(len as u8);
-        } else {
-            let bytes: Vec<u8> = len
-                .to_be_bytes()
-                .into_iter()
-                .skip_while(|b| *b == 0)
-                .collect();
-            out.push(0x80 | bytes.len() as u8);
-            out.extend(bytes);
-        }
-        out.extend_from_slice(content);
-        out
-    }
-
-    /// The next TLV of `der` (tag and length as DER writes them) and the rest.
-    fn next_tlv(der: &[u8]) -> (&[u8], &[u8]) {
-        let (len, header) = match der[1] {
-            n if n < 0x80 => (usize::from(n), 2),
-            n => {
-                let k = usize::from(n & 0x7f);
-                let len = der[2..2 + k]
-                    .iter()
-                    .fold(0usize, |a, b| (a << 8) | usize::from(*b));
-                (len, 2 + k)
-            }
-        };
-        der.split_at(header + len)
-    }
+    use crate::pki::der;
 
     #[test]
     fn a_huge_oid_makes_a_short_error_message() {
         // Found by fuzzing: a CSR whose signature algorithm is an OID of
         // 10,000 bytes gave a 30,026-character status message.
-        let (_, der) = csr_pem();
-        // The outer SEQUENCE's content: CertificationRequestInfo, algorithm, signature.
-        let header = if der[1] < 0x80 {
-            2
-        } else {
-            2 + usize::from(der[1] & 0x7f)
-        };
-        let (info, rest) = next_tlv(&der[header..]);
-        let (_alg, signature) = next_tlv(rest);
+        let (_, csr_der) = csr_pem();
+        let (_, csr) = X509CertificationRequest::from_der(&csr_der).unwrap();
         let mut arcs = vec![0x2a];
         arcs.extend(std::iter::repeat_n(0x81, 9_998));
         arcs.push(0x01);
-        let alg = tlv(0x30, &tlv(0x06, &arcs));
-        let forged = tlv(0x30, &[info, &alg, signature].concat());
+        // The same request info and signature under that algorithm.
+        let mut forged = Vec::new();
+        der::nested(&mut forged, der::SEQUENCE, |body| {
+            body.extend_from_slice(csr.certification_request_info.raw);
+            der::nested(body, der::SEQUENCE, |alg| der::tlv(alg, der::OID, &arcs));
+            der::nested(body, der::BIT_STRING, |bits| {
+                bits.push(csr.signature_value.unused_bits);
+                bits.extend_from_slice(&csr.signature_value.data);
+            });
+        });
         let pem = ::pem::encode(&::pem::Pem::new("CERTIFICATE REQUEST", forged));
         let err =
             validate(&pem, &KeyPolicy::default()).expect_err("an unknown algorithm is refused");

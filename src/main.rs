@@ -105,8 +105,26 @@ enum CaCommand {
     ///   kubectl create secret generic cacerts -n istio-system --from-file=OUT/<cluster>/
     #[command(verbatim_doc_comment)]
     Init(InitArgs),
+    /// Issue a new signing CA under an existing root (as `ca init` wrote it:
+    /// ROOT/root-cert.pem and ROOT/root-key.pem), for a new cluster or to
+    /// replace an intermediate, without touching the root.
+    ///
+    /// Writes OUT/{ca-cert.pem, ca-key.pem, cert-chain.pem, root-cert.pem}.
+    #[command(verbatim_doc_comment)]
+    Intermediate(IntermediateArgs),
+    /// Stage a root rotation: create a new root and, for each current CA
+    /// directory (state 1: old root, old intermediate), the three directories
+    /// it goes through, each proven a safe step from the one before:
+    ///   OUT/new-root/{root-cert.pem, root-key.pem}
+    ///   OUT/step-2-both-roots/<name>/       old intermediate, old + new roots
+    ///   OUT/step-3-new-intermediate/<name>/ new intermediate, old + new roots
+    ///   OUT/step-4-new-root-only/<name>/    new intermediate, new root
+    /// where <name> is the current directory's name. Install each in turn
+    /// (README, "Rotating the root" says how long to wait between them).
+    #[command(verbatim_doc_comment)]
+    RotateRoot(RotateRootArgs),
     /// Load and verify a CA bundle directory exactly as `serve` would, and
-    /// print what it holds.
+    /// print what it holds and where it stands in a root rotation.
     Check {
         /// The bundle directory.
         dir: PathBuf,
@@ -125,25 +143,84 @@ struct InitArgs {
     /// Comma-separated cluster names; one signing CA each.
     #[arg(long, value_delimiter = ',', default_value = "cluster1")]
     clusters: Vec<String>,
-    /// Key type for every CA key: ecdsa-p256, ecdsa-p384, rsa-2048, rsa-3072, rsa-4096, ed25519.
-    #[arg(long, default_value = "ecdsa-p256")]
-    key_type: KeyType,
     /// Levels below the root: 1 = root → cluster CA (tools/certs); 2 adds a
     /// shared intermediate between them, and so on.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=4))]
     levels: u8,
-    /// Organization (O=) of every CA certificate.
-    #[arg(long, default_value = "Istio")]
-    org: String,
+    #[command(flatten)]
+    ca: NewCaArgs,
     /// Root lifetime in days.
     #[arg(long, default_value_t = 3650)]
     root_days: i64,
-    /// Intermediate lifetime in days.
-    #[arg(long, default_value_t = 3650)]
-    intermediate_days: i64,
     /// Overwrite an existing root in OUT.
     #[arg(long)]
     force: bool,
+}
+
+/// Subject and lifetime of the CAs a CLI command creates.
+#[derive(Args, Debug)]
+struct NewCaArgs {
+    /// Key type: ecdsa-p256, ecdsa-p384, rsa-2048, rsa-3072, rsa-4096, ed25519.
+    #[arg(long, default_value = "ecdsa-p256")]
+    key_type: KeyType,
+    /// Organization (O=).
+    #[arg(long, default_value = "Istio")]
+    org: String,
+    /// Intermediate lifetime in days (never past the root's).
+    #[arg(long, default_value_t = 3650)]
+    intermediate_days: i64,
+}
+
+impl NewCaArgs {
+    fn spec(&self, cn: &str, locality: Option<&str>, days: i64, path_len: Option<u8>) -> CaSpec {
+        CaSpec {
+            organization: self.org.clone(),
+            common_name: cn.to_owned(),
+            locality: locality.map(str::to_owned),
+            key_type: self.key_type,
+            validity: time::Duration::days(days),
+            path_len,
+        }
+    }
+
+    /// A cluster's signing CA, as `ca init` makes it.
+    fn intermediate(&self, cluster: Option<&str>) -> CaSpec {
+        self.spec("Intermediate CA", cluster, self.intermediate_days, Some(0))
+    }
+}
+
+#[derive(Args, Debug)]
+struct IntermediateArgs {
+    /// Directory with root-cert.pem and root-key.pem.
+    #[arg(long)]
+    root: PathBuf,
+    /// Output directory (a plug-in CA directory).
+    #[arg(long, short)]
+    out: PathBuf,
+    /// Cluster name, written as L= (as tools/certs does).
+    #[arg(long)]
+    cluster: Option<String>,
+    #[command(flatten)]
+    ca: NewCaArgs,
+    /// Overwrite a CA bundle already in OUT.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args, Debug)]
+struct RotateRootArgs {
+    /// A current plug-in CA directory (state 1); repeat for every cluster
+    /// whose CA is under the root being replaced.
+    #[arg(long, required = true)]
+    current: Vec<PathBuf>,
+    /// Output directory.
+    #[arg(long, short)]
+    out: PathBuf,
+    #[command(flatten)]
+    ca: NewCaArgs,
+    /// New root lifetime in days.
+    #[arg(long, default_value_t = 3650)]
+    root_days: i64,
 }
 
 #[derive(Args, Debug)]
@@ -259,6 +336,8 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve(args).await,
             Command::Ca(CaCommand::Init(args)) => ca_init(args),
+            Command::Ca(CaCommand::Intermediate(args)) => ca_intermediate(args),
+            Command::Ca(CaCommand::RotateRoot(args)) => ca_rotate_root(args),
             Command::Ca(CaCommand::Check { dir, trust_domain }) => ca_check(&dir, &trust_domain),
             Command::Token(args) => token(args),
             Command::Request(args) => request(args).await,
@@ -360,13 +439,8 @@ fn ca_init(args: InitArgs) -> Result<(), String> {
             return Err(format!("invalid cluster name {c:?}"));
         }
     }
-    let spec = |cn: &str, locality: Option<&str>, days: i64, path_len: Option<u8>| CaSpec {
-        organization: args.org.clone(),
-        common_name: cn.to_owned(),
-        locality: locality.map(str::to_owned),
-        key_type: args.key_type,
-        validity: time::Duration::days(days),
-        path_len,
+    let spec = |cn: &str, locality: Option<&str>, days: i64, path_len: Option<u8>| {
+        args.ca.spec(cn, locality, days, path_len)
     };
     let levels = args.levels;
     let root = generate::root(&spec("Root CA", None, args.root_days, None), now)
@@ -382,7 +456,7 @@ fn ca_init(args: InitArgs) -> Result<(), String> {
         let cn = format!("Intermediate CA {i}");
         let ca = generate::intermediate(
             parent,
-            &spec(&cn, None, args.intermediate_days, Some(levels - i)),
+            &spec(&cn, None, args.ca.intermediate_days, Some(levels - i)),
             now,
         )
         .map_err(|e| e.to_string())?;
@@ -391,17 +465,8 @@ fn ca_init(args: InitArgs) -> Result<(), String> {
     let issuer = parents.last().ok_or("no issuer")?;
     let root_pem = parents[0].cert_pem.clone();
     for cluster in &args.clusters {
-        let ca = generate::intermediate(
-            issuer,
-            &spec(
-                "Intermediate CA",
-                Some(cluster),
-                args.intermediate_days,
-                Some(0),
-            ),
-            now,
-        )
-        .map_err(|e| e.to_string())?;
+        let ca = generate::intermediate(issuer, &args.ca.intermediate(Some(cluster)), now)
+            .map_err(|e| e.to_string())?;
         // tools/certs: cert-chain.pem = ca-cert.pem followed by its issuers, root included.
         let mut chain = ca.cert_pem.clone();
         for p in parents.iter().rev() {
@@ -415,15 +480,107 @@ fn ca_init(args: InitArgs) -> Result<(), String> {
         println!(
             "{}: signing CA for cluster {cluster} ({})",
             dir.display(),
-            args.key_type
+            args.ca.key_type
         );
     }
     println!(
         "{}: root ({}); keep root-key.pem offline",
         args.out.display(),
-        args.key_type
+        args.ca.key_type
     );
     Ok(())
+}
+
+fn ca_intermediate(args: IntermediateArgs) -> Result<(), String> {
+    let now = OffsetDateTime::now_utc();
+    let read = |f: &str| {
+        let path = args.root.join(f);
+        std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))
+    };
+    let root_pem = read("root-cert.pem")?;
+    let root = generate::reload(&root_pem, &read("root-key.pem")?)
+        .map_err(|e| format!("{}: {e}", args.root.display()))?;
+    if args.out.join("ca-cert.pem").exists() && !args.force {
+        return Err(format!(
+            "{} already holds a CA; pass --force to replace it",
+            args.out.display()
+        ));
+    }
+    let ca = generate::intermediate(&root, &args.ca.intermediate(args.cluster.as_deref()), now)
+        .map_err(|e| e.to_string())?;
+    let chain = format!("{}{}", ca.cert_pem, root.cert_pem);
+    generate::write_istio_layout(&args.out, &ca, &chain, &root_pem)
+        .map_err(|e| format!("{}: {e}", args.out.display()))?;
+    Ca::load(&args.out, now).map_err(|e| e.to_string())?;
+    println!(
+        "{}: signing CA ({}) under the root in {}",
+        args.out.display(),
+        args.ca.key_type,
+        args.root.display()
+    );
+    Ok(())
+}
+
+fn ca_rotate_root(args: RotateRootArgs) -> Result<(), String> {
+    use meshsign::ca::rotation;
+    let now = OffsetDateTime::now_utc();
+    let root_dir = args.out.join("new-root");
+    if root_dir.join("root-cert.pem").exists() {
+        return Err(format!(
+            "{} exists: a rotation is already staged there",
+            root_dir.display()
+        ));
+    }
+    let mut names = Vec::new();
+    for dir in &args.current {
+        let name = dir
+            .canonicalize()
+            .ok()
+            .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .ok_or_else(|| format!("{}: not a directory", dir.display()))?;
+        if names.contains(&name) {
+            return Err(format!("two --current directories are named {name:?}"));
+        }
+        names.push(name);
+    }
+    // Dated, so the two roots of a rotation tell apart in `ca check`.
+    let cn = format!("Root CA {}", now.date());
+    let root = generate::root(&args.ca.spec(&cn, None, args.root_days, None), now)
+        .map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(&root_dir)
+        .and_then(|()| generate::write_file(&root_dir.join("root-key.pem"), &root.key_pem(), true))
+        .map_err(|e| format!("{}: {e}", root_dir.display()))?;
+    generate::write_file(&root_dir.join("root-cert.pem"), &root.cert_pem, false)
+        .map_err(|e| format!("{}: {e}", root_dir.display()))?;
+    for (dir, name) in args.current.iter().zip(&names) {
+        let new_int = generate::intermediate(&root, &args.ca.intermediate(Some(name)), now)
+            .map_err(|e| e.to_string())?;
+        let staging = tempfile_dir(&args.out, name)?;
+        let written = rotation::stage_rotation(dir, &root, &new_int, &staging, now)?;
+        for (stage, from) in rotation::STAGES.iter().zip(written) {
+            let to = args.out.join(stage).join(name);
+            std::fs::create_dir_all(args.out.join(stage))
+                .and_then(|()| std::fs::rename(&from, &to))
+                .map_err(|e| format!("{}: {e}", to.display()))?;
+            println!("{}", to.display());
+        }
+        let _ = std::fs::remove_dir(&staging);
+    }
+    println!(
+        "{}: the new root ({}); keep root-key.pem offline. Install the steps in order \
+         (README, \"Rotating the root\").",
+        root_dir.display(),
+        args.ca.key_type
+    );
+    Ok(())
+}
+
+/// An empty scratch directory `OUT/.staging-<name>`.
+fn tempfile_dir(out: &Path, name: &str) -> Result<PathBuf, String> {
+    let dir = out.join(format!(".staging-{name}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    Ok(dir)
 }
 
 fn ca_check(dir: &Path, trust_domain: &str) -> Result<(), String> {
@@ -462,6 +619,10 @@ fn ca_check(dir: &Path, trust_domain: &str) -> Result<(), String> {
     for w in &warnings {
         println!("warning: {w}");
     }
+    println!(
+        "rotation: {}",
+        meshsign::ca::rotation::stage(&ca, now).explain()
+    );
     println!("OK: test signing verified against the roots");
     Ok(())
 }

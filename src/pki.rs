@@ -289,6 +289,39 @@ pub fn verify_chain(
     roots: &[CertificateDer<'static>],
     now: ::time::OffsetDateTime,
 ) -> Result<(), String> {
+    verify_for(
+        leaf,
+        intermediates,
+        roots,
+        now,
+        &[Usage::Server, Usage::Client],
+    )
+}
+
+/// Verifies a TLS client's chain (`leaf`, then what it presented after it)
+/// up to one of `roots`, as the handshake's client verifier does.
+pub fn verify_client_chain(
+    leaf: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'static>],
+    roots: &[CertificateDer<'static>],
+    now: ::time::OffsetDateTime,
+) -> Result<(), String> {
+    verify_for(leaf, intermediates, roots, now, &[Usage::Client])
+}
+
+#[derive(Clone, Copy)]
+enum Usage {
+    Server,
+    Client,
+}
+
+fn verify_for(
+    leaf: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'static>],
+    roots: &[CertificateDer<'static>],
+    now: ::time::OffsetDateTime,
+    usages: &[Usage],
+) -> Result<(), String> {
     let anchors = roots
         .iter()
         .map(|r| webpki::anchor_from_trusted_cert(r).map_err(|e| format!("root: {e}")))
@@ -297,14 +330,53 @@ pub fn verify_chain(
     let secs = u64::try_from(now.unix_timestamp()).map_err(|_| "time before 1970".to_owned())?;
     let at = rustls_pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_secs(secs));
     let algs = webpki::ALL_VERIFICATION_ALGS;
-    for (usage, what) in [
-        (webpki::KeyUsage::server_auth(), "server"),
-        (webpki::KeyUsage::client_auth(), "client"),
-    ] {
+    for usage in usages {
+        let (usage, what) = match usage {
+            Usage::Server => (webpki::KeyUsage::server_auth(), "server"),
+            Usage::Client => (webpki::KeyUsage::client_auth(), "client"),
+        };
         ee.verify_for_usage(algs, &anchors, intermediates, at, usage, None, None)
             .map_err(|e| format!("not valid as a TLS {what} certificate: {e}"))?;
     }
     Ok(())
+}
+
+/// Names a set of trust anchors: SHA-256 over the sorted DER of each root.
+/// Two bundles with the same roots, in any order, have the same id.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RootsId([u8; 32]);
+
+impl RootsId {
+    pub fn of(roots: &[CertificateDer<'_>]) -> RootsId {
+        let mut sorted: Vec<&[u8]> = roots.iter().map(|r| r.as_ref()).collect();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+        for der in sorted {
+            ctx.update(&(der.len() as u64).to_be_bytes());
+            ctx.update(der);
+        }
+        let mut id = [0u8; 32];
+        id.copy_from_slice(ctx.finish().as_ref());
+        RootsId(id)
+    }
+}
+
+impl fmt::Debug for RootsId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RootsId(")?;
+        for b in &self.0[..6] {
+            write!(f, "{b:02x}")?;
+        }
+        write!(f, "…)")
+    }
+}
+
+/// The trust anchors in use, with their id.
+#[derive(Debug, Clone, Copy)]
+pub struct TrustedRoots<'a> {
+    pub id: RootsId,
+    pub certs: &'a [CertificateDer<'static>],
 }
 
 /// The URI name constraints (RFC 5280 §4.2.1.10) of one CA certificate:

@@ -29,7 +29,7 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, RandomState};
 use std::net::IpAddr;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
 use crate::auth::CallerIdentity;
@@ -74,20 +74,40 @@ impl Buckets {
         self.hasher.hash_one(value)
     }
 
-    fn refill(&self, b: &mut Bucket, now_ms: u64) {
+    /// The tokens `b` holds at `now_ms`: refilled at the budget's rate since
+    /// it was last updated, never more than the burst.
+    fn tokens_at(&self, b: &Bucket, now_ms: u64) -> f64 {
         let elapsed = now_ms.saturating_sub(b.at_ms) as f64 / 1000.0;
-        b.tokens = (b.tokens + elapsed * self.budget.per_second).min(f64::from(self.budget.burst));
+        (b.tokens + elapsed * self.budget.per_second).min(f64::from(self.budget.burst))
+    }
+
+    /// The locked shard of `key`; `None` when its lock is poisoned, and then
+    /// the caller lets the request through (a poisoned lock must not take the
+    /// service down).
+    fn shard(&self, key: u64) -> Option<MutexGuard<'_, HashMap<u64, Bucket>>> {
+        self.shards[(key as usize) % SHARDS].lock().ok()
+    }
+
+    /// The bucket of `key` in its shard `map`, refilled up to `now_ms`;
+    /// `None` when the key is not tracked (a full bucket).
+    fn refilled<'m>(
+        &self,
+        map: &'m mut HashMap<u64, Bucket>,
+        key: u64,
+        now_ms: u64,
+    ) -> Option<&'m mut Bucket> {
+        let b = map.get_mut(&key)?;
+        b.tokens = self.tokens_at(b, now_ms);
         b.at_ms = now_ms;
+        Some(b)
     }
 
     /// Takes a token for `key` at `now_ms`; false when the budget is spent.
     pub fn take(&self, key: u64, now_ms: u64) -> bool {
-        let shard = &self.shards[(key as usize) % SHARDS];
-        let Ok(mut map) = shard.lock() else {
-            return true; // a poisoned lock must not take the service down
+        let Some(mut map) = self.shard(key) else {
+            return true;
         };
-        if let Some(b) = map.get_mut(&key) {
-            self.refill(b, now_ms);
+        if let Some(b) = self.refilled(&mut map, key, now_ms) {
             if b.tokens < 1.0 {
                 return false;
             }
@@ -109,26 +129,17 @@ impl Buckets {
 
     /// Whether `key` has a token left, without taking it.
     pub fn has_token(&self, key: u64, now_ms: u64) -> bool {
-        let shard = &self.shards[(key as usize) % SHARDS];
-        let Ok(mut map) = shard.lock() else {
+        let Some(mut map) = self.shard(key) else {
             return true;
         };
-        match map.get_mut(&key) {
-            Some(b) => {
-                self.refill(b, now_ms);
-                b.tokens >= 1.0
-            }
-            None => true,
-        }
+        self.refilled(&mut map, key, now_ms)
+            .is_none_or(|b| b.tokens >= 1.0)
     }
 
     fn make_room(&self, map: &mut HashMap<u64, Bucket>, now_ms: u64) {
+        // A bucket back at its burst says nothing a new one would not.
         let burst = f64::from(self.budget.burst);
-        let rate = self.budget.per_second;
-        map.retain(|_, b| {
-            let elapsed = now_ms.saturating_sub(b.at_ms) as f64 / 1000.0;
-            b.tokens + elapsed * rate < burst
-        });
+        map.retain(|_, b| self.tokens_at(b, now_ms) < burst);
         if map.len() >= self.per_shard {
             let drop: Vec<u64> = map.keys().take(self.per_shard / 8 + 1).copied().collect();
             for k in drop {
@@ -274,6 +285,19 @@ mod tests {
         assert!(!b.take(k, 1_000_000));
         // Another key has its own bucket.
         assert!(b.take(b.key("b"), 500));
+    }
+
+    #[test]
+    fn has_token_refills_like_take_but_takes_nothing() {
+        let b = Buckets::new(budget(2.0, 1), 100);
+        let k = b.key("a");
+        assert!(b.has_token(k, 0), "an untracked key has its burst");
+        assert!(b.has_token(k, 0) && b.take(k, 0));
+        assert!(!b.has_token(k, 0));
+        assert!(!b.has_token(k, 250), "half a token after 250 ms");
+        assert!(b.has_token(k, 500) && b.has_token(k, 500));
+        assert!(b.take(k, 500));
+        assert!(!b.has_token(k, 500));
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::path::Path;
 use meshsign::ca::generate::{self, KeyType};
 use meshsign::ca::{Ca, CaBundle, Layout};
 use meshsign::config::Config;
+use meshsign::pki::der;
 use time::{Duration, OffsetDateTime};
 
 fn copy(from: &Path, name: &str, to: &Path, as_name: &str) {
@@ -208,17 +209,18 @@ fn every_supported_ca_key_type_signs() {
 
 /// DER of a NameConstraints extension value permitting URI hosts `permitted`.
 fn uri_name_constraints(permitted: &[&str]) -> Vec<u8> {
-    fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
-        assert!(content.len() < 128);
-        let mut out = vec![tag, content.len() as u8];
-        out.extend_from_slice(content);
-        out
-    }
-    let subtrees: Vec<u8> = permitted
-        .iter()
-        .flat_map(|host| tlv(0x30, &tlv(0x86, host.as_bytes())))
-        .collect();
-    tlv(0x30, &tlv(0xa0, &subtrees))
+    let mut out = Vec::new();
+    der::nested(&mut out, der::SEQUENCE, |constraints| {
+        // [0] permittedSubtrees: one GeneralSubtree with a [6] URI each.
+        der::nested(constraints, 0xa0, |subtrees| {
+            for host in permitted {
+                der::nested(subtrees, der::SEQUENCE, |subtree| {
+                    der::tlv(subtree, 0x86, host.as_bytes())
+                });
+            }
+        });
+    });
+    out
 }
 
 #[test]

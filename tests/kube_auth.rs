@@ -507,14 +507,7 @@ async fn ztunnel_impersonates_only_pods_on_its_own_node() {
 
     // Readiness waits for the pod watches' first list; once ready, every pod
     // created before the start is known.
-    let ready = format!(
-        "http://{}/healthz/ready",
-        ts.server.monitoring_addr.expect("monitoring")
-    );
-    eventually("ready", Duration::from_secs(10), || async {
-        reqwest::get(&ready).await.unwrap().status() == 200
-    })
-    .await;
+    ts.wait_ready(Duration::from_secs(10)).await;
 
     // ztunnel's request shape: its own token, an empty-subject P-256 CSR for
     // the pod's identity, and ImpersonatedIdentity. The leaf is verified to
@@ -683,18 +676,18 @@ async fn the_server_publishes_its_roots_into_selected_namespaces() {
     let configmaps = |ns: &str| {
         kube::Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(k.client.clone(), ns)
     };
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let published = loop {
-        if let Some(cm) = configmaps(&selected)
+    eventually("root ConfigMap", Duration::from_secs(15), || async {
+        configmaps(&selected)
             .get_opt("istio-ca-root-cert")
             .await
             .unwrap()
-        {
-            break cm;
-        }
-        assert!(Instant::now() < deadline, "no root ConfigMap");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+            .is_some()
+    })
+    .await;
+    let published = configmaps(&selected)
+        .get("istio-ca-root-cert")
+        .await
+        .unwrap();
     let data = published.data.unwrap_or_default();
     assert_eq!(data.get("root-cert.pem"), Some(&ts.server.roots_pem));
     assert!(configmaps(&other)
@@ -714,6 +707,88 @@ async fn the_server_publishes_its_roots_into_selected_namespaces() {
         .spec
         .and_then(|s| s.holder_identity)
         .is_some_and(|h| !h.is_empty()));
+}
+
+/// A root rotation step (a second root added to the CA directory while
+/// serving) reaches the published ConfigMaps, and so does the removal of the
+/// old root.
+#[tokio::test]
+async fn published_roots_follow_a_root_rotation() {
+    let Some(api) = KubeApiServer::shared() else {
+        return;
+    };
+    use meshsign::ca::generate;
+    let k = Kube::new(api).await;
+    let label = unique("rot");
+    let (lease_ns, selected) = (unique("lease"), unique("rot-ns"));
+    k.namespace(&lease_ns, &[]).await;
+    k.namespace(&selected, &[("meshsign-test", &label)]).await;
+    let now = OffsetDateTime::now_utc();
+    let spec =
+        |cn: &str| common::ca_spec(cn, generate::KeyType::EcdsaP256, ::time::Duration::days(1));
+    let old_root = generate::root(&spec("old root"), now).unwrap();
+    let new_root = generate::root(&spec("new root"), now).unwrap();
+    let old_int = generate::intermediate(&old_root, &spec("old int"), now).unwrap();
+    let new_int = generate::intermediate(&new_root, &spec("new int"), now).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    generate::write_istio_layout(dir.path(), &old_int, &old_int.cert_pem, &old_root.cert_pem)
+        .unwrap();
+    let ts = TestServer::with_ca_dir_reload_and(
+        dir.path(),
+        "1s",
+        &format!(
+            "kubernetes:\n  clusters:\n{}  root_certificates: {{ namespace_selector: \"meshsign-test={label}\", lease_namespace: {lease_ns:?}, lease_duration: 2s, resync: 1s }}\n",
+            cluster_entry("Kubernetes", &[], api)
+        ),
+    )
+    .await;
+    let published = || async {
+        kube::Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(k.client.clone(), &selected)
+            .get_opt("istio-ca-root-cert")
+            .await
+            .unwrap()
+            .and_then(|cm| cm.data)
+            .and_then(|d| d.get("root-cert.pem").cloned())
+    };
+    let count =
+        |pem: &str| meshsign::pki::parse_certificates(pem.as_bytes()).map_or(0, |c| c.len());
+    eventually("old root published", Duration::from_secs(20), || async {
+        published().await.is_some_and(|p| count(&p) == 1)
+    })
+    .await;
+    let both = format!("{}{}", old_root.cert_pem, new_root.cert_pem);
+    generate::write_file(&dir.path().join("root-cert.pem"), &both, false).unwrap();
+    eventually("both roots published", Duration::from_secs(20), || async {
+        published().await.is_some_and(|p| count(&p) == 2)
+    })
+    .await;
+    generate::write_istio_layout(dir.path(), &new_int, &new_int.cert_pem, &both).unwrap();
+    k.service_account(&selected, "web").await;
+    let wl = Workload::new(&selected, "web", WorkloadKeyType::EcdsaP256);
+    let token = k.token(&selected, "web", "istio-ca", None).await;
+    // Trusting both roots, as every workload does by now.
+    let ep = meshsign::client::CaEndpoint {
+        roots: meshsign::pki::parse_certificates(both.as_bytes()).unwrap(),
+        ..ts.endpoint()
+    };
+    eventually(
+        "new intermediate in use",
+        Duration::from_secs(20),
+        || async {
+            match wl.obtain(&ep, Some(&token), 600).await {
+                Ok((_, issued)) => issued.chain_pem.contains(&new_int.cert_pem),
+                Err(e) => panic!("renewal failed during the rotation: {e:?}"),
+            }
+        },
+    )
+    .await;
+    generate::write_file(&dir.path().join("root-cert.pem"), &new_root.cert_pem, false).unwrap();
+    eventually(
+        "only the new root published",
+        Duration::from_secs(20),
+        || async { published().await.is_some_and(|p| p == new_root.cert_pem) },
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -736,14 +811,7 @@ async fn each_node_agent_has_its_own_budget_apart_from_its_callers_budget() {
         cluster_entry("Kubernetes", &[], api),
     ))
     .await;
-    let ready = format!(
-        "http://{}/healthz/ready",
-        ts.server.monitoring_addr.expect("monitoring")
-    );
-    eventually("ready", Duration::from_secs(10), || async {
-        reqwest::get(&ready).await.unwrap().status() == 200
-    })
-    .await;
+    ts.wait_ready(Duration::from_secs(10)).await;
     let sleep_id = format!("spiffe://cluster.local/ns/{app}/sa/sleep");
     let sleep = Workload::new(&app, "sleep", WorkloadKeyType::EcdsaP256);
     let token_a = k

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{eventually, TestServer, Workload};
+use common::{eventually, tls_connect, TestServer, Workload};
 use meshsign::client::WorkloadKeyType;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
@@ -119,10 +119,7 @@ struct RawConn {
 impl RawConn {
     async fn open(ts: &TestServer) -> RawConn {
         let config = meshsign::client::client_tls_config(&ts.endpoint()).unwrap();
-        let tcp = TcpStream::connect(ts.server.local_addr).await.unwrap();
-        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-            .connect(name, tcp)
+        let tls = tls_connect(ts.server.local_addr, Arc::new(config))
             .await
             .unwrap();
         let (send, mut conn) = h2::client::handshake(tls).await.unwrap();

@@ -8,12 +8,10 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{TestServer, Workload};
+use common::{tls_connect, TestServer, Workload};
 use hyper_util::rt::TokioIo;
 use meshsign::client::{self, WorkloadKeyType};
 use rustls::HandshakeKind;
-use rustls_pki_types::ServerName;
-use tokio::net::TcpStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::Code;
 
@@ -28,10 +26,7 @@ async fn channel(
     let connector = tower::service_fn(move |_: Uri| {
         let (tls, kinds, addr) = (tls.clone(), kinds.clone(), addr.clone());
         async move {
-            let tcp = TcpStream::connect(addr.as_str()).await?;
-            let stream = tokio_rustls::TlsConnector::from(tls)
-                .connect(ServerName::try_from("localhost").unwrap(), tcp)
-                .await?;
+            let stream = tls_connect(addr.as_str(), tls).await?;
             if let Some(kind) = stream.get_ref().1.handshake_kind() {
                 kinds.lock().unwrap().push(kind);
             }

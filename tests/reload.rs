@@ -1,5 +1,5 @@
 //! Hot reload of a plug-in CA directory: a new intermediate under the same
-//! root is taken; a broken bundle or a new root is refused and the previous
+//! root is taken; a broken bundle or one with no root in common is refused and the previous
 //! CA keeps signing.
 
 mod common;
@@ -71,7 +71,7 @@ async fn intermediate_rotation_is_picked_up_and_bad_bundles_are_refused() {
     tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
     assert_eq!(issuer_cn(&ts, &wl, &token).await, "second");
 
-    // A different root: refused too.
+    // A different root, none in common: refused too.
     let other_root = generate::root(&spec("other root"), now).unwrap();
     let fourth = generate::intermediate(&other_root, &spec("fourth"), now).unwrap();
     generate::write_istio_layout(dir.path(), &fourth, &fourth.cert_pem, &other_root.cert_pem)

@@ -13,6 +13,7 @@ use base64::Engine as _;
 use jsonwebtoken::{Algorithm, EncodingKey};
 use meshsign::auth::jwt::JwksSource;
 use meshsign::auth::{JwtAuthenticator, JwtIssuer};
+use meshsign::pki::der;
 
 /// TEST-ONLY private keys (PKCS#8 PEM) and the JWKS of the token keys.
 pub mod keys {
@@ -205,26 +206,11 @@ impl CsrSigner {
         let mut body = Vec::with_capacity(info.len() + alg.len() + bit_string.len() + 8);
         body.extend_from_slice(info);
         body.extend_from_slice(alg);
-        der_tlv(&mut body, 0x03, &bit_string);
+        der::tlv(&mut body, der::BIT_STRING, &bit_string);
         let mut out = Vec::with_capacity(body.len() + 4);
-        der_tlv(&mut out, 0x30, &body);
+        der::tlv(&mut out, der::SEQUENCE, &body);
         out
     }
-}
-
-/// Appends a DER TLV (definite length).
-pub fn der_tlv(out: &mut Vec<u8>, tag: u8, content: &[u8]) {
-    out.push(tag);
-    let len = content.len();
-    if len < 0x80 {
-        out.push(len as u8);
-    } else {
-        let bytes = len.to_be_bytes();
-        let skip = bytes.iter().take_while(|b| **b == 0).count();
-        out.push(0x80 | (bytes.len() - skip) as u8);
-        out.extend_from_slice(&bytes[skip..]);
-    }
-    out.extend_from_slice(content);
 }
 
 /// The first element (whole TLV) inside the outer SEQUENCE of `der`: the

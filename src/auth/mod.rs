@@ -13,20 +13,22 @@
 //! declined, for the log. The caller only ever sees
 //! `UNAUTHENTICATED: request authenticate failure`; tokens are never logged.
 
+pub mod client_chain;
 pub mod jwt;
 
 use std::fmt;
 use std::sync::Arc;
 
 use rustls_pki_types::CertificateDer;
+use time::OffsetDateTime;
 use x509_parser::extensions::GeneralName;
 
-use crate::clock::{Clock, SystemClock};
 use crate::k8s::tokenreview::ReviewError;
 use crate::k8s::{Cluster, Clusters, TokenCheck};
-use crate::pki::ValidityWindow;
+use crate::pki::TrustedRoots;
 use crate::spiffe::SpiffeId;
 
+pub use client_chain::{ClientChain, ClientChainError};
 pub use jwt::{JwtAuthenticator, JwtError, JwtIssuer};
 
 /// How the caller proved its identity.
@@ -71,11 +73,11 @@ pub struct CallerIdentity {
 pub struct Credentials<'a> {
     /// The value of the first `authorization: Bearer …` header, without the prefix.
     pub bearer_token: Option<&'a str>,
-    /// The client's leaf certificate, if it presented one (already chain-verified).
-    pub client_certificate: Option<&'a CertificateDer<'static>>,
-    /// When the client's whole chain is valid: checked on every request
-    /// (`None` with a certificate: refused).
-    pub client_certificate_validity: Option<ValidityWindow>,
+    /// The client's certificate chain, if it presented one (verified at the
+    /// handshake; checked again against `roots` and the time on every request).
+    pub client_chain: Option<&'a ClientChain>,
+    /// The trust anchors in use now (`None`: no client certificate is trusted).
+    pub roots: Option<TrustedRoots<'a>>,
     /// The `clusterid` header ("" when absent or sent more than once).
     pub cluster_id: &'a str,
 }
@@ -84,7 +86,7 @@ impl fmt::Debug for Credentials<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Credentials")
             .field("bearer_token", &self.bearer_token.map(|_| "<redacted>"))
-            .field("client_certificate", &self.client_certificate.is_some())
+            .field("client_chain", &self.client_chain.is_some())
             .field("cluster_id", &self.cluster_id)
             .finish()
     }
@@ -151,20 +153,17 @@ impl Authenticator {
     /// Authenticates a request; see the module docs for the order.
     pub async fn authenticate(&self, creds: Credentials<'_>) -> Result<CallerIdentity, AuthError> {
         let mut err = AuthError::default();
-        if let Some(cert) = creds.client_certificate {
+        if let Some(chain) = creds.client_chain {
             // The handshake checked the chain then; the connection (or a
-            // resumed session) may have outlived it since.
-            let now = i64::try_from(SystemClock.now_unix()).unwrap_or(i64::MAX);
-            let current = creds
-                .client_certificate_validity
-                .is_some_and(|w| w.contains(now));
-            if !current {
-                err.reasons.push(
-                    "client certificate: expired or not yet valid (checked on every request)"
-                        .into(),
-                );
+            // resumed session) may have outlived its validity or its root.
+            let checked = match creds.roots {
+                Some(roots) => chain.check(roots, OffsetDateTime::now_utc()),
+                None => Err(ClientChainError::UntrustedRoot),
+            };
+            if let Err(e) = checked {
+                err.reasons.push(format!("client certificate: {e}"));
             } else if self.client_certificates {
-                match identity_from_certificate(cert, &self.trust_domains) {
+                match identity_from_certificate(chain.leaf(), &self.trust_domains) {
                     Ok(id) => {
                         return Ok(CallerIdentity {
                             id,
@@ -189,9 +188,7 @@ impl Authenticator {
                     err.unavailable = unavailable;
                 }
             },
-            None if creds.client_certificate.is_some() => {
-                err.reasons.push("no bearer token".into())
-            }
+            None if creds.client_chain.is_some() => err.reasons.push("no bearer token".into()),
             None => {}
         }
         Err(err)

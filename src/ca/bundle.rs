@@ -30,6 +30,21 @@ pub enum Layout {
 }
 
 impl Layout {
+    /// The file holding the trust bundle.
+    pub fn root_file(self) -> &'static str {
+        self.files().root
+    }
+
+    /// The file holding the signing certificate.
+    pub fn signing_cert_file(self) -> &'static str {
+        self.files().cert
+    }
+
+    /// The file holding the signing key.
+    pub fn key_file(self) -> &'static str {
+        self.files().key
+    }
+
     fn files(self) -> LayoutFiles {
         match self {
             Layout::Istio => LayoutFiles {

@@ -14,6 +14,7 @@ pub mod generate;
 pub mod leaf;
 pub mod pool;
 pub mod reload;
+pub mod rotation;
 
 use std::path::Path;
 
@@ -55,8 +56,10 @@ pub struct Ca {
     response_tail: Vec<String>,
     roots_pem: String,
     rng: SystemRandom,
-    /// The SPIFFE ID the start-up and health test signings are for.
-    test_identity: String,
+    /// Names `bundle.roots`.
+    roots_id: pki::RootsId,
+    /// The trust domain the start-up and health test signings are for.
+    trust_domain: String,
 }
 
 impl Ca {
@@ -82,6 +85,7 @@ impl Ca {
                     _ => None,
                 });
         let roots_pem = pki::certs_pem(&bundle.roots);
+        let bundle_roots = bundle.roots.clone();
         let mut response_tail: Vec<String> =
             bundle.chain.iter().map(|c| pki::cert_pem(c)).collect();
         response_tail.push(roots_pem.clone());
@@ -92,7 +96,8 @@ impl Ca {
             response_tail,
             roots_pem,
             rng: SystemRandom::new(),
-            test_identity: format!("spiffe://{trust_domain}/ns/istio-system/sa/meshsign-self-test"),
+            roots_id: pki::RootsId::of(&bundle_roots),
+            trust_domain: trust_domain.to_owned(),
         };
         ca.self_test(now).map_err(|reason| BundleError {
             file: ca.bundle.dir.clone(),
@@ -130,10 +135,15 @@ impl Ca {
 
     /// The trust domain the test signings use.
     pub fn test_trust_domain(&self) -> &str {
-        self.test_identity
-            .strip_prefix("spiffe://")
-            .and_then(|rest| rest.split('/').next())
-            .unwrap_or(DEFAULT_TRUST_DOMAIN)
+        &self.trust_domain
+    }
+
+    /// The trust anchors, with the id that names them.
+    pub fn trusted_roots(&self) -> pki::TrustedRoots<'_> {
+        pki::TrustedRoots {
+            id: self.roots_id,
+            certs: &self.bundle.roots,
+        }
     }
 
     pub fn bundle(&self) -> &CaBundle {
@@ -206,18 +216,11 @@ impl Ca {
     /// URI constraints and refuses every URI name under one), and the chain is
     /// verified with a second leaf that has no name.
     pub fn self_test(&self, now: OffsetDateTime) -> Result<(), String> {
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-            .map_err(|e| format!("cannot generate a test key: {e}"))?;
-        let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
-        let sans = [SanEntry::Uri(self.test_identity.clone())];
-        let spec = LeafSpec {
-            spki_der: &spki,
-            common_name: None,
-            sans: &sans,
-            not_before: now - Duration::minutes(1),
-            not_after: now + Duration::minutes(5),
-        };
-        let leaf = self.sign(&spec).map_err(|e| e.to_string())?;
+        let sans = [SanEntry::Uri(format!(
+            "spiffe://{}/ns/istio-system/sa/meshsign-self-test",
+            self.trust_domain
+        ))];
+        let leaf = self.test_leaf(&sans, now)?;
         let constraints = self.uri_name_constraints()?;
         if constraints.is_empty() {
             pki::verify_chain(&leaf, &self.bundle.chain, &self.bundle.roots, now)
@@ -231,16 +234,43 @@ impl Ca {
                     c.permitted, c.excluded
                 ));
             }
-            let nameless = self
-                .sign(&LeafSpec { sans: &[], ..spec })
-                .map_err(|e| e.to_string())?;
-            pki::verify_chain(&nameless, &self.bundle.chain, &self.bundle.roots, now)
-                .map_err(|e| format!("a test leaf does not verify against the roots: {e}"))?;
+            self.verifies_under(&self.bundle.roots, now)?;
         }
         let parsed = pki::parse_cert(&leaf)?;
         if parsed.issuer().as_raw() != self.issuer_name.as_slice() {
             return Err("issuer name of the test leaf differs from the CA subject".into());
         }
         Ok(())
+    }
+
+    /// Whether a leaf signed now verifies against `roots` alone (a test leaf
+    /// without names, so URI name constraints do not get in the way).
+    pub fn verifies_under(
+        &self,
+        roots: &[CertificateDer<'static>],
+        now: OffsetDateTime,
+    ) -> Result<(), String> {
+        let nameless = self.test_leaf(&[], now)?;
+        pki::verify_chain(&nameless, &self.bundle.chain, roots, now)
+            .map_err(|e| format!("a test leaf does not verify against the roots: {e}"))
+    }
+
+    /// A throwaway leaf for a fresh P-256 key, valid for a few minutes.
+    fn test_leaf(
+        &self,
+        sans: &[SanEntry],
+        now: OffsetDateTime,
+    ) -> Result<CertificateDer<'static>, String> {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| format!("cannot generate a test key: {e}"))?;
+        let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
+        self.sign(&LeafSpec {
+            spki_der: &spki,
+            common_name: None,
+            sans,
+            not_before: now - Duration::minutes(1),
+            not_after: now + Duration::minutes(5),
+        })
+        .map_err(|e| e.to_string())
     }
 }

@@ -5,10 +5,13 @@
 //! loaded and verified exactly as at start-up and test-signed; only then does
 //! it replace the running CA, atomically, for every later request. A bundle
 //! that fails any check is refused with the file and the reason, and the
-//! running CA keeps signing. As in istiod without `ISTIO_MULTIROOT_MESH`, the
-//! roots may not change at run time: rotating an intermediate under the same
-//! root is supported, changing the trust bundle needs a restart (and a
-//! planned roll-out of the new roots to every workload first).
+//! running CA keeps signing.
+//!
+//! The roots may change at run time by the safe steps of a root rotation
+//! ([`super::rotation`]); any other change of roots would strand workloads
+//! and is refused. The server follows a change of roots everywhere: responses carry
+//! the new bundle, new TLS handshakes and every request on an older
+//! connection are checked against it, and the serving certificate is re-issued.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -16,8 +19,9 @@ use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use time::OffsetDateTime;
-use tokio::sync::Notify;
+use tokio::sync::watch;
 
+use super::rotation::{check_step, StepError};
 use super::Ca;
 
 /// What the directory looked like: (file name, size, modification time) of
@@ -44,29 +48,42 @@ pub fn fingerprint(dir: &Path) -> Option<Fingerprint> {
 pub enum ReloadError {
     #[error(transparent)]
     Bundle(#[from] super::BundleError),
-    #[error("the roots changed: changing the trust bundle at run time is not supported; restart meshsign after distributing the new roots")]
-    RootsChanged,
+    /// A change of roots that is not a safe rotation step.
+    #[error(transparent)]
+    Step(#[from] StepError),
 }
 
-/// Loads `dir` and, if it is valid and keeps the same roots as `current`,
-/// returns the new CA.
+/// Loads `dir` and returns the new CA if it passes every start-up check and
+/// is a safe step from `current` ([`super::rotation::check_step`]).
 pub fn reload(dir: &Path, current: &Ca, now: OffsetDateTime) -> Result<Ca, ReloadError> {
     let next = Ca::load_for(dir, current.test_trust_domain(), now)?;
-    if next.bundle().roots != current.bundle().roots {
-        return Err(ReloadError::RootsChanged);
-    }
+    check_step(current, &next, dir, now)?;
     Ok(next)
+}
+
+/// How the roots differ between two bundles: (added, removed) counts.
+pub fn roots_delta(old: &Ca, new: &Ca) -> (usize, usize) {
+    let (old, new) = (&old.bundle().roots, &new.bundle().roots);
+    let added = new.iter().filter(|r| !old.contains(r)).count();
+    let removed = old.iter().filter(|r| !new.contains(r)).count();
+    (added, removed)
 }
 
 /// Longest wait between retries of a refused bundle whose files did not change.
 const MAX_RETRY: Duration = Duration::from_secs(300);
 
 /// Polls `dir` every `every` and swaps `ca` when a changed bundle passes
-/// every check; `changed` is notified after each swap. A refused bundle is
+/// every check; `changed` counts the swaps (a watch channel, so a follower
+/// that is busy when a swap happens still sees it). A refused bundle is
 /// tried again even if its files do not change (a certificate that is not
 /// valid yet, a permission fixed with `chmod`, which changes no size or
 /// modification time), first after `every`, then backing off to 5 minutes.
-pub async fn watch(dir: PathBuf, ca: Arc<ArcSwap<Ca>>, every: Duration, changed: Arc<Notify>) {
+pub async fn watch(
+    dir: PathBuf,
+    ca: Arc<ArcSwap<Ca>>,
+    every: Duration,
+    changed: Arc<watch::Sender<u64>>,
+) {
     let mut seen = fingerprint(&dir);
     // After a refusal: when to try the same files again, and the wait after that.
     let mut retry: Option<(tokio::time::Instant, Duration)> = None;
@@ -90,14 +107,18 @@ pub async fn watch(dir: PathBuf, ca: Arc<ArcSwap<Ca>>, every: Duration, changed:
         match result {
             Ok(Ok(next)) => {
                 let b = next.bundle();
+                let (roots_added, roots_removed) = roots_delta(&ca.load(), &next);
                 tracing::info!(
                     dir = %dir.display(),
                     key = %b.key_kind,
                     signer_expires = %b.not_after,
+                    roots = b.roots.len(),
+                    roots_added,
+                    roots_removed,
                     "CA bundle changed: new signing CA verified and in use"
                 );
                 ca.store(Arc::new(next));
-                changed.notify_waiters();
+                changed.send_modify(|generation| *generation += 1);
                 retry = None;
             }
             Ok(Err(e)) => {

@@ -383,7 +383,8 @@ fn jittered(d: Duration) -> Duration {
 }
 
 /// Counts a stream in flight; on drop, a stream that did not finish its
-/// answer was abandoned by the client and spends the reset budget.
+/// answer was abandoned by the client and spends the reset budget. Owns the
+/// stream's handles on its connection and the server.
 struct StreamGuard {
     state: Arc<ConnState>,
     shared: Arc<Shared>,
@@ -478,23 +479,19 @@ async fn handle(
     state: Arc<ConnState>,
     request: Request<Incoming>,
 ) -> Response<StreamBody> {
-    let settings = &shared.settings;
     let started = Instant::now();
-    let (guard, in_flight) = StreamGuard::new(state.clone(), shared.clone());
+    let (guard, in_flight) = StreamGuard::new(state, shared);
+    let (settings, state) = (&guard.shared.settings, &guard.state);
     if !state.streams.take(started) {
         state.flag(CloseReason::StreamBudget);
         return refuse(
-            &shared,
-            &state,
             guard,
             "stream_budget",
             Status::unavailable("connection over its stream budget: reconnect"),
         );
     }
-    if over_calls_in_flight(in_flight, &state, settings.max_calls_in_flight) {
+    if over_calls_in_flight(in_flight, state, settings.max_calls_in_flight) {
         return refuse(
-            &shared,
-            &state,
             guard,
             "calls_in_flight",
             Status::resource_exhausted("too many calls in progress, retry later"),
@@ -519,8 +516,6 @@ async fn handle(
             Ok(Ok(collected)) => tonic::body::Body::new(Full::new(collected.to_bytes())),
             Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
                 return refuse(
-                    &shared,
-                    &state,
                     guard,
                     "too_large",
                     Status::resource_exhausted(format!(
@@ -532,22 +527,10 @@ async fn handle(
                 // The client reset the stream (or the connection broke)
                 // before its body was in: an abandoned stream.
                 guard.abandoned();
-                let (parts, body) = Status::cancelled("request body broken")
-                    .into_http::<tonic::body::Body>()
-                    .into_parts();
-                return Response::from_parts(
-                    parts,
-                    StreamBody {
-                        inner: body,
-                        guard,
-                        deadline: None,
-                    },
-                );
+                return status_response(Status::cancelled("request body broken"), guard);
             }
             Err(_) => {
                 return refuse(
-                    &shared,
-                    &state,
                     guard,
                     "body_timeout",
                     Status::deadline_exceeded(format!(
@@ -561,14 +544,12 @@ async fn handle(
         tonic::body::Body::new(body)
     };
     let request = Request::from_parts(parts, body);
-    let mut routes = shared.routes.clone();
+    let mut routes = guard.shared.routes.clone();
     let response = match tokio::time::timeout_at(deadline, routes.call(request)).await {
         Ok(Ok(response)) => response,
         Ok(Err(never)) => match never {},
         Err(_) => {
             return refuse(
-                &shared,
-                &state,
                 guard,
                 "deadline",
                 Status::deadline_exceeded("request timed out"),
@@ -582,19 +563,11 @@ async fn handle(
             _ => None,
         };
         if let Some(reason) = early {
-            count_early(&shared, &state, reason, code);
+            count_early(&guard, reason, code);
         }
     }
-    let (parts, body) = response.into_parts();
     let deadline = (!unary).then(|| Box::pin(tokio::time::sleep_until(deadline)));
-    Response::from_parts(
-        parts,
-        StreamBody {
-            inner: body,
-            guard,
-            deadline,
-        },
-    )
+    stream_response(response, guard, deadline)
 }
 
 /// A trailers-only error response's code (tonic puts a refusal's
@@ -605,8 +578,8 @@ fn grpc_status<B>(response: &Response<B>) -> Option<Code> {
     (code != Code::Ok).then_some(code)
 }
 
-fn count_early(shared: &Shared, state: &ConnState, reason: &str, code: Code) {
-    let o = &shared.observers;
+fn count_early(guard: &StreamGuard, reason: &str, code: Code) {
+    let o = &guard.shared.observers;
     o.metrics.refused_early.with_label_values(&[reason]).inc();
     match o
         .refusal_log
@@ -614,7 +587,7 @@ fn count_early(shared: &Shared, state: &ConnState, reason: &str, code: Code) {
     {
         Some(suppressed) => tracing::warn!(
             code = ?code,
-            remote = ?state.peer.remote,
+            remote = ?guard.state.peer.remote,
             reason,
             suppressed_before = suppressed,
             "call refused before the service read it"
@@ -623,23 +596,33 @@ fn count_early(shared: &Shared, state: &ConnState, reason: &str, code: Code) {
     }
 }
 
-fn refuse(
-    shared: &Shared,
-    state: &ConnState,
-    guard: StreamGuard,
-    reason: &str,
-    status: Status,
-) -> Response<StreamBody> {
-    count_early(shared, state, reason, status.code());
+/// Answers a call with `status` before the service read it, counted as an
+/// early refusal for `reason`.
+fn refuse(guard: StreamGuard, reason: &str, status: Status) -> Response<StreamBody> {
+    count_early(&guard, reason, status.code());
     // Answered: not an abandoned stream.
     guard.finish();
-    let (parts, body) = status.into_http::<tonic::body::Body>().into_parts();
+    status_response(status, guard)
+}
+
+/// A trailers-only response carrying `status`.
+fn status_response(status: Status, guard: StreamGuard) -> Response<StreamBody> {
+    stream_response(status.into_http(), guard, None)
+}
+
+/// `response` with its body wrapped in a [`StreamBody`] that owns `guard`.
+fn stream_response(
+    response: Response<tonic::body::Body>,
+    guard: StreamGuard,
+    deadline: Option<Pin<Box<Sleep>>>,
+) -> Response<StreamBody> {
+    let (parts, inner) = response.into_parts();
     Response::from_parts(
         parts,
         StreamBody {
-            inner: body,
+            inner,
             guard,
-            deadline: None,
+            deadline,
         },
     )
 }

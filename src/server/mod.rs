@@ -105,9 +105,9 @@ pub async fn start(config: &Config) -> Result<RunningServer, StartError> {
     );
     metrics.record_ca(&ca);
     let roots_pem = ca.roots_pem().to_owned();
-    let client_roots = ca.bundle().roots.clone();
     let ca = Arc::new(ArcSwap::from_pointee(ca));
-    let ca_changed = Arc::new(tokio::sync::Notify::new());
+    // Counts CA swaps (reloads); followers subscribe.
+    let ca_changed = Arc::new(tokio::sync::watch::channel(0u64).0);
     // The current root bundle, for whoever publishes it (root ConfigMaps).
     let roots_tx = Arc::new(tokio::sync::watch::channel(roots_pem.clone()).0);
     if let CaSource::Dir(dir) = &config.ca {
@@ -227,9 +227,22 @@ pub async fn start(config: &Config) -> Result<RunningServer, StartError> {
                     },
                 );
             }
-            let cfg = tls::server_config(serving, &client_roots, config.authn.client_certificates)
+            let client_certificates = config.authn.client_certificates;
+            let settings = tls_settings(&serving, &ca.load(), client_certificates)
                 .map_err(StartError::ServingCertificate)?;
-            Some(Arc::new(cfg))
+            let settings = Arc::new(ArcSwap::from_pointee(settings));
+            // New handshakes follow a change of roots (a root rotation step).
+            let (swap, ca, changed) = (settings.clone(), ca.clone(), ca_changed.clone());
+            supervise::spawn("tls-roots", metrics.restarts("tls-roots"), move || {
+                follow_roots(
+                    swap.clone(),
+                    serving.clone(),
+                    ca.clone(),
+                    changed.subscribe(),
+                    client_certificates,
+                )
+            });
+            Some(settings)
         }
     };
     let plaintext = tls.is_none();
@@ -290,8 +303,8 @@ pub async fn start(config: &Config) -> Result<RunningServer, StartError> {
             let (ca, metrics, changed, roots_tx) =
                 (ca.clone(), m.clone(), changed.clone(), roots_tx.clone());
             async move {
-                loop {
-                    changed.notified().await;
+                let mut swaps = changed.subscribe();
+                while swaps.changed().await.is_ok() {
                     let current = ca.load();
                     metrics.record_ca(&current);
                     roots_tx.send_if_modified(|roots| {
@@ -382,6 +395,49 @@ fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(backlog)
+}
+
+/// The TLS settings for the serving certificate and the CA's current roots.
+fn tls_settings(
+    serving: &Arc<ServingCertificate>,
+    ca: &Ca,
+    client_certificates: bool,
+) -> Result<tls::TlsSettings, String> {
+    let roots = ca.trusted_roots();
+    let config = tls::server_config(serving.clone(), roots.certs, client_certificates)?;
+    Ok(tls::TlsSettings {
+        config: Arc::new(config),
+        roots: roots.id,
+    })
+}
+
+/// Rebuilds the TLS settings whenever a CA swap changes the roots.
+async fn follow_roots(
+    settings: Arc<ArcSwap<tls::TlsSettings>>,
+    serving: Arc<ServingCertificate>,
+    ca: Arc<ArcSwap<Ca>>,
+    mut swaps: tokio::sync::watch::Receiver<u64>,
+    client_certificates: bool,
+) {
+    // A swap may have happened before this (re)started.
+    loop {
+        let current = ca.load_full();
+        if current.trusted_roots().id != settings.load().roots {
+            match tls_settings(&serving, &current, client_certificates) {
+                Ok(next) => {
+                    settings.store(Arc::new(next));
+                    tracing::info!(
+                        roots = current.bundle().roots.len(),
+                        "trust bundle changed: new connections are verified against it"
+                    );
+                }
+                Err(e) => tracing::error!(error = %e, "cannot use the new trust bundle for TLS"),
+            }
+        }
+        if swaps.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 fn log_bundle(ca: &Ca) {

@@ -124,15 +124,18 @@ impl CertificateService {
         // token of its is checked again; a verified client certificate has
         // already proved itself at the handshake.
         if let Some(ip) = peer.and_then(|p| p.remote).map(|a| a.ip()) {
-            let has_certificate = peer.is_some_and(|p| p.client_certificate.is_some());
+            let has_certificate = peer.is_some_and(|p| p.client_chain.is_some());
             if !has_certificate && !self.limiter.address_may_try(ip, now_ms) {
                 return Err(RequestError::RateLimited(Spent::FailedAuthentications));
             }
         }
+        let client_chain = peer.and_then(|p| p.client_chain.as_deref());
+        // The roots in use now, for a client chain verified under older ones.
+        let ca = client_chain.map(|_| self.ca.load_full());
         let creds = Credentials {
             bearer_token: bearer_token(metadata),
-            client_certificate: peer.and_then(|p| p.client_certificate.as_ref()),
-            client_certificate_validity: peer.and_then(|p| p.client_certificate_validity),
+            client_chain,
+            roots: ca.as_deref().map(Ca::trusted_roots),
             cluster_id: cluster_id(metadata),
         };
         let caller = match self.authenticator.authenticate(creds).await {
@@ -142,9 +145,7 @@ impl CertificateService {
         };
         let requested = impersonated_identity(request);
         let instance = match caller.source {
-            crate::auth::AuthSource::ClientCertificate => peer
-                .and_then(|p| p.client_certificate.as_ref())
-                .map(|c| c.as_ref()),
+            crate::auth::AuthSource::ClientCertificate => client_chain.map(|c| c.leaf().as_ref()),
             _ => None,
         };
         self.limiter

