@@ -3,6 +3,7 @@
 
 import argparse
 import json
+import re
 import os
 import platform
 import subprocess
@@ -50,6 +51,32 @@ def machine():
     }
 
 
+def smoke_method(a):
+    """The smoke run's method: what it actually ran (bench/run --smoke), not the full run's."""
+    def seconds(s):  # "0.5s" -> "0.5 s"
+        m = re.fullmatch(r"([0-9.]+)\s*(ms|s|m)", s or "")
+        return f"{m.group(1)} {m.group(2)}" if m else (s or "?")
+    names = {"p256": "ECDSA P-256", "rsa": "RSA 2048"}
+    cas = [names.get(c, c) for c in (a.cas or "p256").split()]
+    wls = [names.get(w, w) for w in (a.workloads or "p256").split()]
+    return [
+        "- **Smoke run** (`bench/run --smoke`, run in CI): the full run's scenarios scaled down (a few seconds "
+        "each, fewer stream counts and key types, smaller storms) to show that both servers answer every "
+        "request of each without errors. Runs this short "
+        "and this small measure start-up and warm-up as much as the servers: the numbers below are not "
+        "comparable with BENCHMARKS.md (the full run, `bench/run`) and support no conclusions.",
+        f"- Pool: {a.pool_size or '?'} distinct CSRs and service-account JWTs (ES256) per workload key, "
+        f"cycled round robin; workload keys: {', '.join(wls)}.",
+        f"- Closed loop: C connections × S streams send as fast as answers come; {seconds(a.warmup)} warm-up, "
+        f"{seconds(a.duration)} measured. Latency from an HDR histogram. Open loop (half saturation): fixed rate, "
+        "latency measured from each request's intended start. Every 50th answer is fully verified (chain to the "
+        "root, SAN).",
+        "- Server CPU = utime+stime from /proc over the measured window; peak RSS = VmHWM, reset at the window's start.",
+        f"- CA keys: {', '.join(cas)} (`meshsign ca init`).",
+        "- Commands: `bench/run --smoke` (everything below); the full comparison is `bench/run`.",
+    ]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--results", required=True)
@@ -57,6 +84,12 @@ def main():
     ap.add_argument("--markdown", required=True)
     ap.add_argument("--chart")
     ap.add_argument("--smoke", action="store_true")
+    # The smoke run's own parameters (bench/run passes them), for its method text.
+    ap.add_argument("--pool-size")
+    ap.add_argument("--warmup")
+    ap.add_argument("--duration")
+    ap.add_argument("--cas", help="CA keys run, space-separated: p256, rsa")
+    ap.add_argument("--workloads", help="workload keys run, space-separated: p256, rsa")
     a = ap.parse_args()
 
     rows = [json.loads(line) for line in open(a.results) if line.strip()]
@@ -106,16 +139,19 @@ def main():
     L.append("- Each server is pinned to CPU 1 and the load generator to CPU 0 (`taskset`), so throughput "
              "and CPU per certificate are **per server core**. TLS 1.3 over loopback, HTTP/2, one fresh "
              "server process per scenario group.")
-    L.append("- Pool: distinct CSRs and service-account JWTs (ES256), cycled round robin "
-             "(P-256 workloads: one key per CSR; RSA-2048 workloads: 64 keys, each CSR for a different identity).")
-    L.append("- Closed loop: C connections × S streams send as fast as answers come; 2 s warm-up, 8 s measured. "
-             "Latency from an HDR histogram. Open loop (half saturation): fixed rate, latency measured from each "
-             "request's intended start (no coordinated omission). Every 50th answer is fully verified "
-             "(chain to the root, SAN).")
-    L.append("- Server CPU = utime+stime from /proc over the measured window; peak RSS = VmHWM, reset at the window's start.")
-    L.append("- CA keys: ECDSA P-256 (`meshsign ca init`) and RSA 2048 (Istio's `samples/certs`).")
-    L.append("- Commands: `bench/run` (everything below); single points: "
-             "`meshsign-bench run --addr … --root … --pool … --connections C --streams S`.")
+    if a.smoke:
+        L.extend(smoke_method(a))
+    else:
+        L.append("- Pool: distinct CSRs and service-account JWTs (ES256), cycled round robin "
+                 "(P-256 workloads: one key per CSR; RSA-2048 workloads: 64 keys, each CSR for a different identity).")
+        L.append("- Closed loop: C connections × S streams send as fast as answers come; 2 s warm-up, 8 s measured. "
+                 "Latency from an HDR histogram. Open loop (half saturation): fixed rate, latency measured from each "
+                 "request's intended start (no coordinated omission). Every 50th answer is fully verified "
+                 "(chain to the root, SAN).")
+        L.append("- Server CPU = utime+stime from /proc over the measured window; peak RSS = VmHWM, reset at the window's start.")
+        L.append("- CA keys: ECDSA P-256 (`meshsign ca init`) and RSA 2048 (Istio's `samples/certs`).")
+        L.append("- Commands: `bench/run` (everything below); single points: "
+                 "`meshsign-bench run --addr … --root … --pool … --connections C --streams S`.")
     L.append("")
 
     def server_cols(r):
@@ -236,6 +272,10 @@ def main():
     if tg:
         L.append("## Targets")
         L.append("")
+        if a.smoke:
+            L.append("The full run's targets, for reference: a smoke run is too short and too small to meet or "
+                     "miss the speed targets; only its errors count (bench/run fails on any).")
+            L.append("")
         L.append("| target | measured | met |")
         L.append("|---|---|---|")
         for name, measured, ok in tg:

@@ -113,7 +113,7 @@ pub async fn channel(ep: &CaEndpoint) -> Result<Channel, String> {
         let channel = endpoint(ep)?
             .connect()
             .await
-            .map_err(|e| format!("connect {}: {e}", ep.addr))?;
+            .map_err(|e| format!("connect {}: {}", ep.addr, error_chain(&e)))?;
         return Ok(channel);
     }
     channel_with_tls(ep, Arc::new(client_tls_config(ep)?)).await
@@ -151,18 +151,115 @@ pub async fn channel_with_tls(
     endpoint
         .connect_with_connector(connector)
         .await
-        .map_err(|e| format!("connect {}: {}", ep.addr, error_chain(&e)))
+        .map_err(|e| {
+            let mut message = format!("connect {}: {}", ep.addr, error_chain(&e));
+            if is_unknown_ca(&e) {
+                message.push_str(WRONG_CA_HINT);
+            }
+            message
+        })
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+/// Said when the server's certificate does not chain to the roots given.
+pub const WRONG_CA_HINT: &str = " (the server's certificate is not signed by the roots given: \
+    this is a different CA than those roots; pass the root-cert.pem of the CA serving \
+    this address, e.g. --root or the --state-dir it runs with)";
+
+/// `e` and its causes, each once: `transport error: Connection refused (os
+/// error 111)`. Some wrappers (tonic's, hyper's) repeat their cause in their
+/// own message and also return it as `source()`, so a cause already written
+/// is not written again.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
-    let mut cur = e.source();
+    append_causes(&mut s, e.source());
+    s
+}
+
+/// Appends `first` and its sources to `s`, each `: `-separated, leaving out
+/// any whose message `s` already holds.
+fn append_causes(s: &mut String, first: Option<&dyn std::error::Error>) {
+    let mut cur = first;
     while let Some(inner) = cur {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
+        let text = inner.to_string();
+        if !text.is_empty() && !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
         cur = inner.source();
     }
-    s
+}
+
+/// A failed call for a person: the code, the message and, when the call
+/// failed below gRPC (TLS, the connection), that cause once, with a hint
+/// when the server refused our client certificate.
+pub fn describe_status(s: &tonic::Status) -> String {
+    use std::error::Error as _;
+    let mut text = format!("{:?}: {}", s.code(), s.message());
+    if let Some(cause) = s.source() {
+        append_causes(&mut text, Some(cause));
+        if client_certificate_refused(cause) {
+            text.push_str(CLIENT_CERT_REFUSED_HINT);
+        }
+    }
+    text
+}
+
+/// Said when the server refuses the client certificate at the handshake.
+pub const CLIENT_CERT_REFUSED_HINT: &str = " (the server refused the client certificate: \
+    it is not issued under the roots this CA trusts, i.e. by a different CA)";
+
+/// Whether a TLS alert says the server did not accept our certificate
+/// (tokio-rustls hands some alerts over as text only).
+fn client_certificate_refused(e: &(dyn std::error::Error + 'static)) -> bool {
+    use rustls::AlertDescription as A;
+    const REFUSALS: [A; 4] = [
+        A::UnknownCA,
+        A::BadCertificate,
+        A::DecryptError,
+        A::CertificateUnknown,
+    ];
+    let typed = tls_errors(e)
+        .any(|tls| matches!(tls, rustls::Error::AlertReceived(a) if REFUSALS.contains(a)));
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        let text = err.to_string();
+        if REFUSALS
+            .iter()
+            .any(|a| text.contains(&format!("received fatal alert: {a:?}")))
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    typed
+}
+
+/// The rustls errors in `e`'s chain (also inside `io::Error`s).
+fn tls_errors<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a rustls::Error> {
+    std::iter::successors(Some(e), |err| err.source()).filter_map(|err| {
+        err.downcast_ref::<rustls::Error>().or_else(|| {
+            err.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        })
+    })
+}
+
+/// Whether the handshake failed because the server's certificate does not
+/// chain to our roots (an unknown issuer, or one of the same name whose key
+/// does not verify the signature: another CA with the same subject).
+fn is_unknown_ca(e: &(dyn std::error::Error + 'static)) -> bool {
+    use rustls::{CertificateError, Error as TlsError};
+    tls_errors(e).any(|tls| {
+        matches!(
+            tls,
+            TlsError::InvalidCertificate(
+                CertificateError::UnknownIssuer | CertificateError::BadSignature
+            )
+        )
+    })
 }
 
 /// The rustls client configuration: TLS 1.2+, ALPN h2, the CA roots, and the
@@ -339,4 +436,59 @@ pub fn verify_issued(
         serial_hex,
         leaf,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An error that writes its cause into its own message and also
+    /// returns it as `source()`, as tonic's and hyper's wrappers do.
+    #[derive(Debug)]
+    struct Repeats(std::io::Error);
+
+    impl std::fmt::Display for Repeats {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "{}", self.0)
+        }
+    }
+
+    impl std::error::Error for Repeats {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn each_cause_is_written_once() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let e = Repeats(refused);
+        let text = error_chain(&e);
+        assert_eq!(text.matches("refused").count(), 1, "{text}");
+
+        // Ours name their cause in the message and do not also return it.
+        let start = crate::server::StartError::Bundle(crate::ca::BundleError {
+            file: "/x/ca-cert.pem".into(),
+            reason: "missing".into(),
+        });
+        assert!(std::error::Error::source(&start).is_none());
+        assert_eq!(error_chain(&start), "CA bundle: /x/ca-cert.pem: missing");
+        let refused = crate::error::RequestError::Unauthenticated(Default::default());
+        assert!(std::error::Error::source(&refused).is_none());
+    }
+
+    #[test]
+    fn a_server_under_another_root_is_called_a_different_ca() {
+        let tls = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        let io = std::io::Error::new(std::io::ErrorKind::InvalidData, tls);
+        assert!(is_unknown_ca(&io));
+        let other = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert!(!is_unknown_ca(&other));
+        let alert = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "received fatal alert: DecryptError",
+        );
+        assert!(client_certificate_refused(&alert));
+        assert!(!client_certificate_refused(&other));
+    }
 }

@@ -37,7 +37,8 @@ fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct FileConfig {
-    listen: String,
+    /// `None`: [`DEV_LISTEN`] in dev mode, [`PLUGIN_CA_LISTEN`] with `ca.dir`.
+    listen: Option<String>,
     trust_domain: String,
     trust_domain_aliases: Vec<String>,
     state_dir: PathBuf,
@@ -49,6 +50,7 @@ struct FileConfig {
     rate_limits: FileRateLimits,
     monitoring: FileMonitoring,
     kubernetes: Option<FileKubernetes>,
+    audit: Option<FileAudit>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -60,7 +62,7 @@ struct FileMonitoring {
 impl Default for FileConfig {
     fn default() -> Self {
         Self {
-            listen: "0.0.0.0:15012".into(),
+            listen: None,
             trust_domain: "cluster.local".into(),
             trust_domain_aliases: Vec::new(),
             state_dir: PathBuf::from(".meshsign"),
@@ -72,6 +74,36 @@ impl Default for FileConfig {
             rate_limits: FileRateLimits::default(),
             monitoring: FileMonitoring::default(),
             kubernetes: None,
+            audit: None,
+        }
+    }
+}
+
+/// The `audit` section as written; present (even `audit: {}`) = on.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileAudit {
+    dir: Option<PathBuf>,
+    max_file_bytes: u64,
+    max_files: u64,
+    on_failure: String,
+    fsync: String,
+    max_queue: usize,
+    anchor_interval: String,
+    unauthenticated_refusals_per_second: u32,
+}
+
+impl Default for FileAudit {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            max_file_bytes: 64 * 1024 * 1024,
+            max_files: 0,
+            on_failure: "refuse".into(),
+            fsync: "batch".into(),
+            max_queue: 10_000,
+            anchor_interval: "60s".into(),
+            unauthenticated_refusals_per_second: 100,
         }
     }
 }
@@ -99,6 +131,11 @@ impl Default for FileServerTls {
         }
     }
 }
+
+/// `listen` in dev mode (no `ca.dir`) when the file does not set it.
+pub const DEV_LISTEN: &str = "127.0.0.1:15012";
+/// `listen` with a plug-in CA (`ca.dir`) when the file does not set it: istiod's.
+pub const PLUGIN_CA_LISTEN: &str = "0.0.0.0:15012";
 
 /// The serving certificate's DNS names by default. `istiod.istio-system.svc`
 /// is what istio-agent asks for when `CA_ADDR` points at `localhost`.
@@ -234,6 +271,7 @@ struct FileLimits {
     max_connection_age_grace: String,
     max_connections: usize,
     max_concurrent_handshakes: usize,
+    handshake_threads: usize,
     listen_backlog: u32,
     max_header_list_bytes: u32,
     idle_timeout: String,
@@ -241,8 +279,10 @@ struct FileLimits {
     drain_timeout: String,
     stream_budget: FileBudget,
     reset_budget: FileBudget,
+    refusal_budget: FileBudget,
     max_signing_queue: usize,
     max_calls_in_flight: usize,
+    calls_processed_per_connection: usize,
 }
 
 /// A token bucket as written: `{ per_second, burst }`.
@@ -292,6 +332,7 @@ impl Default for FileLimits {
             max_connection_age_grace: "10s".into(),
             max_connections: 20_000,
             max_concurrent_handshakes: 1024,
+            handshake_threads: 0,
             listen_backlog: 4096,
             max_header_list_bytes: 32 * 1024,
             idle_timeout: "60s".into(),
@@ -305,8 +346,13 @@ impl Default for FileLimits {
                 per_second: 10.0,
                 burst: 200,
             },
+            refusal_budget: FileBudget {
+                per_second: 20.0,
+                burst: 200,
+            },
             max_signing_queue: 4096,
             max_calls_in_flight: 10_000,
+            calls_processed_per_connection: 4,
         }
     }
 }
@@ -534,6 +580,9 @@ pub struct Limits {
     pub max_connections: usize,
     /// TLS handshakes in progress; past it likewise.
     pub max_concurrent_handshakes: usize,
+    /// Threads that run TLS handshakes, apart from the request workers
+    /// (0 in the file: half the CPUs, at least one).
+    pub handshake_threads: usize,
     /// The listen queue length asked of the kernel (capped by `net.core.somaxconn`).
     pub listen_backlog: u32,
     /// Largest HTTP/2 header list a request may send (decoded size).
@@ -549,11 +598,17 @@ pub struct Limits {
     pub stream_budget: Budget,
     /// Streams one connection may abandon (RST_STREAM before its answer); over it: GOAWAY.
     pub reset_budget: Budget,
+    /// Calls one connection may have refused for the client's fault
+    /// (unauthenticated, denied, invalid, over a rate limit); over it: GOAWAY.
+    pub refusal_budget: Budget,
     /// Signatures waiting for a signer thread; past it requests get `RESOURCE_EXHAUSTED`.
     pub max_signing_queue: usize,
     /// Calls in progress across all connections (from their headers to their
     /// answer); past it new calls get `RESOURCE_EXHAUSTED` at once.
     pub max_calls_in_flight: usize,
+    /// Calls of one connection processed at the same time (authentication,
+    /// checks, signing); its other calls wait their turn without running.
+    pub calls_processed_per_connection: usize,
 }
 
 /// A token bucket: `burst` at once, refilled at `per_second`.
@@ -587,6 +642,58 @@ pub struct RateLimits {
     pub max_tracked: usize,
 }
 
+/// What the audit trail does when a record cannot be queued or written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuditOnFailure {
+    /// No certificate leaves without its record: a request is refused with
+    /// `UNAVAILABLE` (before signing when the queue is full or the writer is
+    /// failing; after signing, the certificate discarded, when its write fails).
+    Refuse,
+    /// Issue anyway; the loss is counted (`meshsign_audit_records_lost_total`)
+    /// and recorded in the trail once writing works again.
+    Count,
+}
+
+/// When audit files are fsynced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuditFsync {
+    /// After every batch the writer thread writes (group commit); with
+    /// `on_failure: refuse` a certificate is returned only after that.
+    Batch,
+    /// Only when a file is closed (rotation, shutdown): records reach the
+    /// page cache at once (a crash of meshsign loses none) but a power loss
+    /// can lose the newest.
+    Rotation,
+}
+
+/// The tamper-evident audit trail (`audit`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditConfig {
+    /// Where the files go; `None`: `<state_dir>/audit`.
+    pub dir: Option<PathBuf>,
+    /// A file is closed and the next begun before it would grow past this.
+    pub max_file_bytes: u64,
+    /// Files kept (the oldest are deleted); 0 = every file is kept.
+    pub max_files: u64,
+    pub on_failure: AuditOnFailure,
+    pub fsync: AuditFsync,
+    /// Records waiting for the writer thread at most.
+    pub max_queue: usize,
+    /// How often the newest record's hash is logged (an anchor outside the
+    /// files); zero = never.
+    pub anchor_interval: Duration,
+    /// Records per second for refusals of callers that did not authenticate
+    /// (the rest are counted, and the count recorded); 0 = no budget.
+    pub unauthenticated_refusals_per_second: u32,
+}
+
+impl AuditConfig {
+    /// The directory, `<state_dir>/audit` unless set.
+    pub fn dir_in(&self, state_dir: &Path) -> PathBuf {
+        self.dir.clone().unwrap_or_else(|| state_dir.join("audit"))
+    }
+}
+
 /// Everything meshsign needs to run, validated.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -606,6 +713,8 @@ pub struct Config {
     /// Kubernetes clusters (TokenReview, node authorization, root
     /// publishing); `None` = no Kubernetes API access at all.
     pub kubernetes: Option<KubernetesConfig>,
+    /// The tamper-evident audit trail; `None` = off.
+    pub audit: Option<AuditConfig>,
 }
 
 impl Config {
@@ -648,6 +757,30 @@ impl Config {
 
     pub fn trust_domain(&self) -> &str {
         &self.policy.trust_domain
+    }
+
+    /// What is valid but probably not meant, for `serve` to log at WARN
+    /// before it starts: a configuration that leaves a new workload no way
+    /// to get its first certificate (no JWT issuer, no Kubernetes cluster,
+    /// not dev mode: only client certificates, which it has yet to get).
+    pub fn startup_warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        let no_clusters = self
+            .kubernetes
+            .as_ref()
+            .is_none_or(|k| k.clusters.is_empty());
+        // (Validation already refuses a configuration with no authenticator.)
+        if self.ca != CaSource::Dev && self.authn.jwt.is_empty() && no_clusters {
+            warnings.push(
+                "no way to get a first certificate: no JWT issuer (authn.jwt) and no \
+                 kubernetes clusters, so only client certificates are accepted, and a new \
+                 workload has none yet. Add an authn.jwt issuer (e.g. with jwks_file, see \
+                 config/plugin-ca.yaml) or a kubernetes section (see \
+                 config/plugin-ca-kubernetes.yaml)"
+                    .to_owned(),
+            );
+        }
+        warnings
     }
 }
 
@@ -692,10 +825,16 @@ const MAX_CONFIG_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 impl FileConfig {
     fn validate(self) -> Result<Config, ConfigError> {
-        let listen: SocketAddr = self
-            .listen
+        // A dev CA trusts a token issuer whose key sits in its state
+        // directory: loopback unless the file says otherwise (as Vault's dev
+        // server). A plug-in CA listens where istiod does.
+        let listen_text = self.listen.as_deref().unwrap_or(match self.ca {
+            None => DEV_LISTEN,
+            Some(_) => PLUGIN_CA_LISTEN,
+        });
+        let listen: SocketAddr = listen_text
             .parse()
-            .map_err(|e| invalid("listen", format!("{:?} is not host:port: {e}", self.listen)))?;
+            .map_err(|e| invalid("listen", format!("{listen_text:?} is not host:port: {e}")))?;
         spiffe::validate_trust_domain(&self.trust_domain)
             .map_err(|e| invalid("trust_domain", e.to_string()))?;
         for (i, alias) in self.trust_domain_aliases.iter().enumerate() {
@@ -971,6 +1110,10 @@ impl FileConfig {
             )?,
             max_connections: l.max_connections,
             max_concurrent_handshakes: l.max_concurrent_handshakes,
+            handshake_threads: match l.handshake_threads {
+                0 => std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
+                n => n,
+            },
             listen_backlog: l.listen_backlog,
             max_header_list_bytes: l.max_header_list_bytes,
             idle_timeout: duration("limits.idle_timeout", &l.idle_timeout)?,
@@ -978,9 +1121,17 @@ impl FileConfig {
             drain_timeout: duration("limits.drain_timeout", &l.drain_timeout)?,
             stream_budget: budget("limits.stream_budget", l.stream_budget)?,
             reset_budget: budget("limits.reset_budget", l.reset_budget)?,
+            refusal_budget: budget("limits.refusal_budget", l.refusal_budget)?,
             max_signing_queue: l.max_signing_queue,
             max_calls_in_flight: l.max_calls_in_flight,
+            calls_processed_per_connection: l.calls_processed_per_connection,
         };
+        if !(1..=1024).contains(&limits.calls_processed_per_connection) {
+            return Err(invalid(
+                "limits.calls_processed_per_connection",
+                "must be between 1 and 1024",
+            ));
+        }
         if !(1..=10_000_000).contains(&limits.max_calls_in_flight) {
             return Err(invalid(
                 "limits.max_calls_in_flight",
@@ -1039,6 +1190,12 @@ impl FileConfig {
                 "must be between 1 and 10000000",
             ));
         }
+        if l.handshake_threads > 64 {
+            return Err(invalid(
+                "limits.handshake_threads",
+                "must be between 0 (half the CPUs) and 64",
+            ));
+        }
         if !(1..=1_000_000).contains(&limits.max_connections) {
             return Err(invalid(
                 "limits.max_connections",
@@ -1093,7 +1250,13 @@ impl FileConfig {
             })?),
         };
 
+        let audit = match self.audit {
+            None => None,
+            Some(a) => Some(validate_audit(a)?),
+        };
+
         Ok(Config {
+            audit,
             kubernetes,
             monitoring_listen,
             listen,
@@ -1112,6 +1275,75 @@ impl FileConfig {
             rate_limits,
         })
     }
+}
+
+fn validate_audit(a: FileAudit) -> Result<AuditConfig, ConfigError> {
+    if a.dir.as_ref().is_some_and(|d| d.as_os_str().is_empty()) {
+        return Err(invalid(
+            "audit.dir",
+            "must not be empty (omit it for <state_dir>/audit)",
+        ));
+    }
+    if !(1024..=1 << 40).contains(&a.max_file_bytes) {
+        return Err(invalid(
+            "audit.max_file_bytes",
+            "must be between 1024 and 1099511627776",
+        ));
+    }
+    if a.max_files == 1 || a.max_files > 1_000_000 {
+        return Err(invalid(
+            "audit.max_files",
+            "must be 0 (keep every file) or between 2 and 1000000",
+        ));
+    }
+    let on_failure = match a.on_failure.as_str() {
+        "refuse" => AuditOnFailure::Refuse,
+        "count" => AuditOnFailure::Count,
+        other => {
+            return Err(invalid(
+                "audit.on_failure",
+                format!("{other:?} is not refuse or count"),
+            ))
+        }
+    };
+    let fsync = match a.fsync.as_str() {
+        "batch" => AuditFsync::Batch,
+        "rotation" => AuditFsync::Rotation,
+        other => {
+            return Err(invalid(
+                "audit.fsync",
+                format!("{other:?} is not batch or rotation"),
+            ))
+        }
+    };
+    if !(1..=1_000_000).contains(&a.max_queue) {
+        return Err(invalid("audit.max_queue", "must be between 1 and 1000000"));
+    }
+    let anchor_interval = duration("audit.anchor_interval", &a.anchor_interval)?;
+    if !anchor_interval.is_zero()
+        && !(Duration::from_secs(1)..=Duration::from_secs(24 * 3600)).contains(&anchor_interval)
+    {
+        return Err(invalid(
+            "audit.anchor_interval",
+            "must be 0s (never) or between 1s and 24h",
+        ));
+    }
+    if a.unauthenticated_refusals_per_second > 1_000_000 {
+        return Err(invalid(
+            "audit.unauthenticated_refusals_per_second",
+            "must be between 0 (no budget) and 1000000",
+        ));
+    }
+    Ok(AuditConfig {
+        dir: a.dir,
+        max_file_bytes: a.max_file_bytes,
+        max_files: a.max_files,
+        on_failure,
+        fsync,
+        max_queue: a.max_queue,
+        anchor_interval,
+        unauthenticated_refusals_per_second: a.unauthenticated_refusals_per_second,
+    })
 }
 
 /// A Kubernetes object name (DNS-1123 label, as namespaces and service
@@ -1462,6 +1694,18 @@ policy: { default_ttl: "24h", max_ttl: "2160h" }
                 "limits.reset_budget.per_second",
             ),
             (
+                "limits: { refusal_budget: { per_second: 1, burst: -1 } }",
+                "limits.refusal_budget",
+            ),
+            (
+                "limits: { handshake_threads: 65 }",
+                "limits.handshake_threads",
+            ),
+            (
+                "limits: { calls_processed_per_connection: 0 }",
+                "limits.calls_processed_per_connection",
+            ),
+            (
                 "rate_limits: { per_caller: { per_second: .nan, burst: 1 } }",
                 "rate_limits.per_caller.per_second",
             ),
@@ -1481,6 +1725,36 @@ policy: { default_ttl: "24h", max_ttl: "2160h" }
         }
         let err = Config::from_yaml("polcy: {}").unwrap_err().to_string();
         assert!(err.contains("unknown field `polcy`"), "{err}");
+    }
+
+    #[test]
+    fn audit_is_off_by_default_and_errors_name_the_key() {
+        assert!(Config::dev_default().audit.is_none());
+        let a = Config::from_yaml("audit: {}").unwrap().audit.unwrap();
+        assert_eq!(a.dir_in(Path::new("/s")), PathBuf::from("/s/audit"));
+        assert_eq!(a.max_file_bytes, 64 * 1024 * 1024);
+        assert_eq!(a.max_files, 0);
+        assert_eq!(a.on_failure, AuditOnFailure::Refuse);
+        assert_eq!(a.fsync, AuditFsync::Batch);
+        assert_eq!(a.anchor_interval, Duration::from_secs(60));
+        let cases = [
+            ("audit: { dir: \"\" }", "audit.dir"),
+            ("audit: { max_file_bytes: 100 }", "audit.max_file_bytes"),
+            ("audit: { max_files: 1 }", "audit.max_files"),
+            ("audit: { on_failure: ignore }", "audit.on_failure"),
+            ("audit: { fsync: always }", "audit.fsync"),
+            ("audit: { max_queue: 0 }", "audit.max_queue"),
+            ("audit: { anchor_interval: 10ms }", "audit.anchor_interval"),
+            ("audit: { anchor_interval: 2d }", "audit.anchor_interval"),
+            (
+                "audit: { unauthenticated_refusals_per_second: 2000000 }",
+                "audit.unauthenticated_refusals_per_second",
+            ),
+        ];
+        for (yaml, key) in cases {
+            let err = Config::from_yaml(yaml).unwrap_err().to_string();
+            assert!(err.contains(key), "{yaml}: {err}");
+        }
     }
 
     #[test]

@@ -10,7 +10,8 @@
 //! policy's question, not this module's.
 
 use x509_parser::certification_request::X509CertificationRequest;
-use x509_parser::extensions::{GeneralName, ParsedExtension};
+use x509_parser::cri_attributes::ParsedCriAttribute;
+use x509_parser::extensions::{GeneralName, ParsedExtension, X509Extension};
 use x509_parser::oid_registry::{self, Oid};
 use x509_parser::prelude::FromDer;
 
@@ -129,7 +130,7 @@ pub fn validate(pem_text: &str, keys: &KeyPolicy) -> Result<ValidatedCsr, CsrErr
     }
     let der = csr_der(pem_text)?;
     let (rest, csr) =
-        X509CertificationRequest::from_der(&der).map_err(|e| CsrError::Der(e.to_string()))?;
+        X509CertificationRequest::from_der(&der).map_err(|e| CsrError::Der(der_error(&e)))?;
     if !rest.is_empty() {
         return Err(CsrError::Der("trailing data after the CSR".into()));
     }
@@ -148,10 +149,15 @@ pub fn validate(pem_text: &str, keys: &KeyPolicy) -> Result<ValidatedCsr, CsrErr
     csr.verify_signature().map_err(|_| CsrError::BadSignature)?;
 
     let mut uris: Vec<&str> = Vec::with_capacity(1);
-    if let Some(extensions) = csr.requested_extensions() {
-        for ext in extensions {
-            check_extension(ext, &mut uris)?;
-        }
+    // As `requested_extensions()`, with each extension's OID for messages.
+    let requested = info
+        .iter_attributes()
+        .find_map(|attr| match attr.parsed_attribute() {
+            ParsedCriAttribute::ExtensionRequest(r) => Some(&r.extensions),
+            _ => None,
+        });
+    for ext in requested.into_iter().flatten() {
+        check_extension(ext, &mut uris)?;
     }
     let uri = match uris.as_slice() {
         [] => return Err(CsrError::NoIdentity),
@@ -235,10 +241,10 @@ fn check_signature_algorithm(oid: &Oid<'_>) -> Result<(), CsrError> {
 }
 
 fn check_extension<'a>(
-    ext: &'a ParsedExtension<'a>,
+    ext: &'a X509Extension<'a>,
     uris: &mut Vec<&'a str>,
 ) -> Result<(), CsrError> {
-    match ext {
+    match ext.parsed_extension() {
         ParsedExtension::SubjectAlternativeName(san) => {
             for name in &san.general_names {
                 match name {
@@ -283,14 +289,105 @@ fn check_extension<'a>(
             Ok(())
         }
         ParsedExtension::SubjectKeyIdentifier(_) => Ok(()),
-        ParsedExtension::UnsupportedExtension { oid } => Err(CsrError::Extension(shown_oid(oid))),
-        ParsedExtension::ParseError { error } => {
-            Err(CsrError::Der(format!("malformed extension: {error}")))
+        ParsedExtension::UnsupportedExtension { .. } => {
+            Err(CsrError::Extension(extension_name(&ext.oid)))
         }
-        other => Err(CsrError::Extension(
-            format!("{other:?}").chars().take(60).collect(),
-        )),
+        ParsedExtension::ParseError { error } => Err(CsrError::Der(format!(
+            "malformed extension: {}",
+            ber_parse_error(error)
+        ))),
+        _ => Err(CsrError::Extension(extension_name(&ext.oid))),
     }
+}
+
+/// A known extension the CSR may not ask for, by name and OID
+/// (`authorityKeyIdentifier (2.5.29.35)`; `Debug` would print its contents).
+fn extension_name(oid: &Oid<'_>) -> String {
+    match x509_parser::objects::oid2sn(oid, x509_parser::objects::oid_registry()) {
+        Ok(name) => format!("{name} ({})", shown_oid(oid)),
+        Err(_) => shown_oid(oid),
+    }
+}
+
+/// Why the CSR's DER does not parse, in words (x509-parser's `Display`
+/// shows nom's and asn1-rs' `Debug`: `Parsing Error: Der(UnexpectedTag {
+/// expected: Some(Tag(16)), actual: Tag(2) })`).
+fn der_error(e: &x509_parser::nom::Err<x509_parser::error::X509Error>) -> String {
+    use x509_parser::error::X509Error;
+    use x509_parser::nom::Err;
+    let text = match e {
+        Err::Incomplete(_) => TRUNCATED.to_owned(),
+        Err::Error(x) | Err::Failure(x) => match x {
+            X509Error::Der(ber) => ber_error(ber),
+            X509Error::NomError(kind) => nom_error(*kind),
+            other => other.to_string(),
+        },
+    };
+    text.chars().take(120).collect()
+}
+
+const TRUNCATED: &str = "the DER data ends early (truncated?)";
+
+fn ber_parse_error(e: &x509_parser::nom::Err<x509_parser::der_parser::error::BerError>) -> String {
+    use x509_parser::nom::Err;
+    let text = match e {
+        Err::Incomplete(_) => TRUNCATED.to_owned(),
+        Err::Error(ber) | Err::Failure(ber) => ber_error(ber),
+    };
+    text.chars().take(120).collect()
+}
+
+fn nom_error(kind: x509_parser::nom::error::ErrorKind) -> String {
+    use x509_parser::nom::error::ErrorKind;
+    match kind {
+        ErrorKind::Eof | ErrorKind::Complete => TRUNCATED.to_owned(),
+        other => format!("malformed DER ({})", other.description().to_lowercase()),
+    }
+}
+
+fn ber_error(e: &x509_parser::der_parser::error::BerError) -> String {
+    use x509_parser::der_parser::error::BerError;
+    match e {
+        BerError::UnexpectedTag { expected, actual } => match expected {
+            Some(expected) => format!(
+                "expected an ASN.1 {} but found {}",
+                tag_name(*expected),
+                tag_name(*actual)
+            ),
+            None => format!("unexpected ASN.1 {}", tag_name(*actual)),
+        },
+        BerError::UnexpectedClass { actual, .. } => {
+            format!("unexpected ASN.1 class {actual}")
+        }
+        BerError::InvalidValue { tag, msg } => {
+            format!("invalid {} value: {msg}", tag_name(*tag))
+        }
+        BerError::UnknownTag(n) => format!("unknown ASN.1 tag {n}"),
+        BerError::DerConstraintFailed(c) => format!("not DER: {c}"),
+        BerError::Incomplete(_) => TRUNCATED.to_owned(),
+        BerError::NomError(kind) => nom_error(*kind),
+        other => other.to_string(),
+    }
+}
+
+fn tag_name(tag: x509_parser::der_parser::asn1_rs::Tag) -> String {
+    let name = match tag.0 {
+        1 => "BOOLEAN",
+        2 => "INTEGER",
+        3 => "BIT STRING",
+        4 => "OCTET STRING",
+        5 => "NULL",
+        6 => "OBJECT IDENTIFIER",
+        12 => "UTF8String",
+        16 => "SEQUENCE",
+        17 => "SET",
+        19 => "PrintableString",
+        22 => "IA5String",
+        23 => "UTCTime",
+        24 => "GeneralizedTime",
+        n => return format!("tag {n}"),
+    };
+    name.to_owned()
 }
 
 fn general_name_kind(name: &GeneralName<'_>) -> &'static str {
@@ -343,6 +440,53 @@ mod tests {
             err.to_string().len() < 300,
             "{} characters",
             err.to_string().len()
+        );
+    }
+
+    /// x509-parser's `Display` is nom's `Debug`; ours is words.
+    #[test]
+    fn der_errors_are_words_not_debug_output() {
+        let (_, der) = csr_pem();
+        let mut wrong_version = der.clone();
+        wrong_version[5] ^= 0xff;
+        let cases: [(Vec<u8>, &str); 4] = [
+            (b"garbage".to_vec(), "truncated"),
+            (der[..der.len() / 2].to_vec(), "truncated"),
+            (
+                vec![0x30, 0x03, 0x02, 0x01, 0x01],
+                "expected an ASN.1 SEQUENCE but found INTEGER",
+            ),
+            (wrong_version, "invalid version"),
+        ];
+        for (bytes, expected) in cases {
+            let pem = ::pem::encode(&::pem::Pem::new("CERTIFICATE REQUEST", bytes));
+            let err = validate(&pem, &KeyPolicy::default()).expect_err("malformed");
+            let text = err.to_string();
+            assert!(matches!(err, CsrError::Der(_)), "{err:?}");
+            assert!(text.contains(expected), "{text}");
+            for debug in ["Parsing", "Error(", "Tag(", "Some(", "NomError", "{"] {
+                assert!(!text.contains(debug), "{text}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_refused_extension_is_named_not_dumped() {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = vec![rcgen::SanType::URI(
+            "spiffe://cluster.local/ns/ns/sa/sa".try_into().unwrap(),
+        )];
+        // authorityKeyIdentifier { keyIdentifier 01020304 }
+        params.custom_extensions = vec![rcgen::CustomExtension::from_oid_content(
+            &[2, 5, 29, 35],
+            vec![0x30, 0x06, 0x80, 0x04, 1, 2, 3, 4],
+        )];
+        let pem = params.serialize_request(&key).unwrap().pem().unwrap();
+        let err = validate(&pem, &KeyPolicy::default()).expect_err("AKI refused");
+        assert_eq!(
+            err.to_string(),
+            "CSR requests extension authorityKeyIdentifier (2.5.29.35), which is not allowed"
         );
     }
 

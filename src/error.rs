@@ -20,8 +20,9 @@ use crate::policy::PolicyError;
 /// A failed request.
 #[derive(Debug, thiserror::Error)]
 pub enum RequestError {
+    /// The cause is in the message, so it is not also the `source()`.
     #[error("authentication failed: {0}")]
-    Unauthenticated(#[from] AuthError),
+    Unauthenticated(AuthError),
     #[error("plaintext connection refused (TLS is required)")]
     PlaintextRefused,
     #[error("authentication unavailable: {0}")]
@@ -42,6 +43,8 @@ pub enum RequestError {
     RateLimited(crate::ratelimit::Spent),
     #[error("overloaded: {0}")]
     Overloaded(SignError),
+    #[error("audit trail: {0}")]
+    Audit(#[from] crate::audit::AuditUnavailable),
 }
 
 impl RequestError {
@@ -51,9 +54,9 @@ impl RequestError {
             RequestError::Unauthenticated(_)
             | RequestError::PlaintextRefused
             | RequestError::Impersonation(_) => Code::Unauthenticated,
-            RequestError::AuthUnavailable(_) | RequestError::ImpersonationUnavailable(_) => {
-                Code::Unavailable
-            }
+            RequestError::AuthUnavailable(_)
+            | RequestError::ImpersonationUnavailable(_)
+            | RequestError::Audit(_) => Code::Unavailable,
             RequestError::Csr(_) => Code::InvalidArgument,
             RequestError::Policy(p) if p.is_invalid_argument() => Code::InvalidArgument,
             RequestError::Policy(_) => Code::PermissionDenied,
@@ -111,6 +114,7 @@ impl RequestError {
                 format!("rate limit exceeded ({}), retry later", spent.label())
             }
             RequestError::Overloaded(_) => "CA overloaded, retry later".to_owned(),
+            RequestError::Audit(_) => "audit trail unavailable, retry later".to_owned(),
         };
         Status::new(self.code(), message)
     }

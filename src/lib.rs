@@ -4,11 +4,13 @@
 //! A request flows one way through the modules:
 //! [`server`] (transport, TLS, gRPC) → [`auth`] (who is calling) →
 //! [`csr`] (what is asked) → [`policy`] (is it allowed) → [`ca`] (key, chain,
-//! signing) → response. [`config`] is parsed and validated once at start-up;
-//! no module reads environment variables, and files are read only where the
-//! configuration names them (the CA bundle, JWKS files), at start-up and on
-//! refresh, never per request.
+//! signing) → response, and [`audit`] records each decision. [`config`] is
+//! parsed and validated once at start-up; no module reads environment
+//! variables, and files are read only where the configuration names them
+//! (the CA bundle, JWKS files), at start-up and on refresh, never per
+//! request (audit records are written by a thread of their own).
 
+pub mod audit;
 pub mod auth;
 pub mod ca;
 pub mod client;

@@ -8,11 +8,16 @@
 //! flusher thread; a WARN or ERROR line is written at once, together with
 //! everything before it, so order is kept and problems are never held back.
 //! [`LogSink::flush`] is called before the process exits.
+//!
+//! Times are written as RFC 3339 ([`Rfc3339`]), and optional fields are
+//! recorded only when present (`remote = remote.map(tracing::field::display)`),
+//! never as `Some(..)`.
 
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
+use time::OffsetDateTime;
 use tracing::{Level, Metadata};
 use tracing_subscriber::fmt::MakeWriter;
 
@@ -79,6 +84,47 @@ impl LogSink {
         if !buf.is_empty() {
             (self.out)(&buf);
             buf.clear();
+        }
+    }
+}
+
+/// A time as RFC 3339, in UTC, to the second (`2036-11-26T01:51:24Z`): how
+/// every time is written in logs, command output and error messages
+/// (`OffsetDateTime`'s own `Display` writes `2036-11-26 1:51:24.0 +00:00:00`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rfc3339(pub OffsetDateTime);
+
+impl Rfc3339 {
+    /// A time given as seconds since the Unix epoch (a JWT's `exp`).
+    pub fn unix(seconds: u64) -> UnixTime {
+        UnixTime(seconds)
+    }
+}
+
+impl std::fmt::Display for Rfc3339 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let utc = self.0.to_offset(time::UtcOffset::UTC);
+        let whole = utc.replace_nanosecond(0).unwrap_or(utc);
+        match whole.format(&time::format_description::well_known::Rfc3339) {
+            Ok(s) => f.write_str(&s),
+            // RFC 3339 has four-digit years only.
+            Err(_) => write!(f, "{}", self.0),
+        }
+    }
+}
+
+/// Seconds since the Unix epoch, displayed as RFC 3339 ([`Rfc3339::unix`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnixTime(pub u64);
+
+impl std::fmt::Display for UnixTime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let t = i64::try_from(self.0)
+            .ok()
+            .and_then(|s| OffsetDateTime::from_unix_timestamp(s).ok());
+        match t {
+            Some(t) => Rfc3339(t).fmt(f),
+            None => write!(f, "{} (Unix time)", self.0),
         }
     }
 }
@@ -272,5 +318,45 @@ mod tests {
             first.is_some() && second.is_some() && first < second,
             "{text}"
         );
+    }
+
+    #[test]
+    fn times_are_rfc3339_to_the_second() {
+        let t = OffsetDateTime::from_unix_timestamp(2_111_277_084).unwrap()
+            + time::Duration::milliseconds(250);
+        assert_eq!(Rfc3339(t).to_string(), "2036-11-26T01:51:24Z");
+        let east = t.to_offset(time::UtcOffset::from_hms(2, 0, 0).unwrap());
+        assert_eq!(Rfc3339(east).to_string(), "2036-11-26T01:51:24Z");
+        assert_eq!(Rfc3339::unix(0).to_string(), "1970-01-01T00:00:00Z");
+        assert_eq!(
+            Rfc3339::unix(u64::MAX).to_string(),
+            format!("{} (Unix time)", u64::MAX)
+        );
+    }
+
+    #[test]
+    fn optional_fields_are_logged_without_some() {
+        use tracing_subscriber::layer::SubscriberExt;
+        let (sink, writes) = recording();
+        let subscriber = tracing_subscriber::registry().with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(BatchedWriter(sink.clone()))
+                .with_ansi(false),
+        );
+        let remote: Option<std::net::SocketAddr> = Some(([127, 0, 0, 1], 4242).into());
+        let none: Option<std::net::SocketAddr> = None;
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::warn!(remote = remote.map(tracing::field::display), "known");
+            tracing::warn!(remote = none.map(tracing::field::display), "unknown");
+        });
+        let text = writes
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|w| String::from_utf8_lossy(w).into_owned())
+            .collect::<String>();
+        assert!(text.contains("known remote=127.0.0.1:4242"), "{text}");
+        assert!(!text.contains("Some("), "{text}");
+        assert!(!text.contains("unknown remote"), "{text}");
     }
 }

@@ -1,5 +1,6 @@
-//! The `meshsign` command line: `serve`, `ca init`, `ca check`, `token` and
-//! `request`. Each subcommand is a thin shell over the library.
+//! The `meshsign` command line: `serve`, `ca init`, `ca check`, `token`,
+//! `request` and `audit verify`. Each subcommand is a thin shell over the
+//! library.
 
 /// jemalloc, as ztunnel uses. Measured with `meshsign-bench run` (bench/README.md):
 /// 3-7% more certificates per second than glibc's malloc, and with 1,000
@@ -26,6 +27,7 @@ use meshsign::ca::generate::{self, CaSpec, KeyType};
 use meshsign::ca::{Ca, CaBundle, CertSummary};
 use meshsign::client::{self, CaEndpoint, CertificateRequest, CsrSubject, WorkloadKeyType};
 use meshsign::config::Config;
+use meshsign::logging::Rfc3339;
 use meshsign::pki;
 use meshsign::server;
 use meshsign::spiffe::SpiffeId;
@@ -55,7 +57,8 @@ enum Command {
     /// Without --config, runs in dev mode: a root and an intermediate (ECDSA
     /// P-256) are created in the state directory on first start and reused
     /// later, and a local token issuer is trusted so `meshsign token` and
-    /// `meshsign request` work out of the box. With a config file whose `ca.dir`
+    /// `meshsign request` work out of the box; it listens on 127.0.0.1:15012
+    /// only, unless --listen says otherwise. With a config file whose `ca.dir`
     /// names a plug-in CA directory (ca-cert.pem, ca-key.pem, cert-chain.pem,
     /// root-cert.pem, or tls.crt/tls.key/ca.crt), that CA signs instead; the
     /// bundle is verified first and start-up stops with the file and reason if
@@ -70,6 +73,12 @@ enum Command {
     /// system:serviceaccount:<ns>:<sa>, aud, exp, kubernetes.io). The issuer's
     /// key and public jwks.json live in the state directory; dev mode trusts it
     /// automatically, other configurations can list it under authn.jwt.
+    ///
+    /// Written without a trailing newline, as Kubernetes writes projected
+    /// token files (ztunnel sends a token file's bytes as they are, and a
+    /// newline makes the header invalid): `meshsign token > FILE` and
+    /// `--out FILE` both give a file ztunnel and istio-agent accept. On a
+    /// terminal a newline follows, for the prompt's sake.
     Token(TokenArgs),
     /// Act as a workload: make a key and CSR, request a certificate, verify
     /// the answer and write key.pem, cert-chain.pem and root-cert.pem.
@@ -78,6 +87,38 @@ enum Command {
     /// certificate obtained earlier), or, when neither is given and the state
     /// directory holds the dev token issuer, with a freshly minted dev token.
     Request(RequestArgs),
+    /// The tamper-evident audit trail (config section `audit`).
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum AuditCommand {
+    /// Check an audit trail's hash chain and name every break.
+    ///
+    /// Detects an edited, removed, reordered or inserted record, a removed or
+    /// renamed file, a file shortened after it was closed, and a last record
+    /// cut short. Removing the newest records, or rewriting everything after
+    /// some record, is only detected against a hash kept elsewhere: the
+    /// server logs one ("audit anchor") every audit.anchor_interval and at
+    /// shutdown; pass it with --anchor. Exits 1 on any break.
+    #[command(verbatim_doc_comment)]
+    Verify(AuditVerifyArgs),
+}
+
+#[derive(Args, Debug)]
+struct AuditVerifyArgs {
+    /// The audit directory, or audit files (audit-<index>.jsonl).
+    #[arg(required = true)]
+    paths: Vec<PathBuf>,
+    /// SEQ:SHA256 of a record known from elsewhere (the "audit anchor" log
+    /// line); may be repeated.
+    #[arg(long)]
+    anchor: Vec<String>,
+    /// The first file need not begin the trail (older files removed by
+    /// audit.max_files, or archived).
+    #[arg(long)]
+    allow_missing_start: bool,
 }
 
 #[derive(Args, Debug)]
@@ -85,7 +126,8 @@ struct ServeArgs {
     /// YAML configuration file (see config/ for commented examples).
     #[arg(long, short, env = "MESHSIGN_CONFIG")]
     config: Option<PathBuf>,
-    /// Override `listen` (host:port).
+    /// Override `listen` (host:port) [default: 127.0.0.1:15012 in dev mode,
+    /// 0.0.0.0:15012 with a plug-in CA, or the config file's `listen`].
     #[arg(long)]
     listen: Option<std::net::SocketAddr>,
     /// Override `state_dir`.
@@ -243,6 +285,9 @@ struct TokenArgs {
     /// Mint a token that expired an hour ago.
     #[arg(long)]
     expired: bool,
+    /// Write the token to this file (mode 0600) instead of stdout.
+    #[arg(long, short, value_name = "FILE")]
+    out: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -341,6 +386,7 @@ fn main() -> ExitCode {
             Command::Ca(CaCommand::Check { dir, trust_domain }) => ca_check(&dir, &trust_domain),
             Command::Token(args) => token(args),
             Command::Request(args) => request(args).await,
+            Command::Audit(AuditCommand::Verify(args)) => audit_verify(args),
         }
     });
     // Buffered log lines first, so the final error comes last.
@@ -377,6 +423,9 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     }
     if let Some(dir) = args.state_dir {
         config.state_dir = dir;
+    }
+    for warning in config.startup_warnings() {
+        tracing::warn!("{warning}");
     }
     let mut running = server::start(&config).await.map_err(|e| e.to_string())?;
     if let Some(state) = running.dev {
@@ -594,14 +643,14 @@ fn ca_check(dir: &Path, trust_domain: &str) -> Result<(), String> {
         "signing key: {} ({:?}); leaves expire no later than {} ({} days from now)",
         b.key_kind,
         b.scheme,
-        b.not_after,
+        Rfc3339(b.not_after),
         (b.not_after - now).whole_days()
     );
     let mut warnings = Vec::new();
     if b.not_after - now < time::Duration::days(30) {
         warnings.push(format!(
             "the signing path expires within 30 days ({})",
-            b.not_after
+            Rfc3339(b.not_after)
         ));
     }
     let signing = pki::parse_cert(&b.signing_cert)?;
@@ -652,8 +701,19 @@ fn token(args: TokenArgs) -> Result<(), String> {
         ttl: args.ttl,
         expired: args.expired,
     })?;
-    println!("{token}");
-    Ok(())
+    match &args.out {
+        Some(path) => {
+            generate::write_file(path, &token, true).map_err(|e| format!("{}: {e}", path.display()))
+        }
+        None => {
+            use std::io::{IsTerminal, Write};
+            let mut stdout = std::io::stdout().lock();
+            let newline = if stdout.is_terminal() { "\n" } else { "" };
+            write!(stdout, "{token}{newline}")
+                .and_then(|()| stdout.flush())
+                .map_err(|e| format!("stdout: {e}"))
+        }
+    }
 }
 
 async fn request(args: RequestArgs) -> Result<(), String> {
@@ -736,7 +796,7 @@ async fn request(args: RequestArgs) -> Result<(), String> {
         },
     )
     .await
-    .map_err(|s| format!("CreateCertificate failed: {:?}: {}", s.code(), s.message()))?;
+    .map_err(|s| format!("CreateCertificate failed: {}", client::describe_status(&s)))?;
     let issued = client::verify_response(&elements, &key, &identity, OffsetDateTime::now_utc())?;
 
     std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
@@ -749,10 +809,64 @@ async fn request(args: RequestArgs) -> Result<(), String> {
     println!(
         "issued {identity}\n  serial {}\n  valid {} .. {}\n  chain: {} elements, verified against the returned root\n  wrote {}/{{key.pem,cert-chain.pem,root-cert.pem}}",
         issued.serial_hex,
-        issued.not_before,
-        issued.not_after,
+        Rfc3339(issued.not_before),
+        Rfc3339(issued.not_after),
         elements.len(),
         args.out.display()
     );
+    Ok(())
+}
+
+fn audit_verify(args: AuditVerifyArgs) -> Result<(), String> {
+    use meshsign::audit::{record::hex, verify, verify::Anchor, VerifyOptions};
+    let anchors = args
+        .anchor
+        .iter()
+        .map(|a| a.parse::<Anchor>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    let report = verify(
+        &args.paths,
+        &VerifyOptions {
+            allow_missing_start: args.allow_missing_start,
+            anchors,
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    for w in &report.warnings {
+        println!("warning: {w}");
+    }
+    if !report.is_intact() {
+        for p in &report.problems {
+            println!("BROKEN: {p}");
+        }
+        return Err(format!(
+            "audit trail broken: {} problem(s) in {} file(s)",
+            report.problems.len(),
+            report.files.len()
+        ));
+    }
+    let range = match (report.first_seq, report.last_seq) {
+        (Some(a), Some(b)) => format!(" (seq {a}..={b})"),
+        _ => String::new(),
+    };
+    println!(
+        "OK: {} file(s), {} records{range}: {} issued, {} refused, {} recorded as lost",
+        report.files.len(),
+        report.records,
+        report.issued,
+        report.refused,
+        report.lost
+    );
+    if let (Some(first), Some(last)) = (&report.first_time, &report.last_time) {
+        println!("  from {first} to {last}");
+    }
+    if let (Some(seq), Some(hash)) = (report.last_seq, report.last_hash) {
+        println!(
+            "  newest record: seq {seq}, sha256 {}; only an anchor kept elsewhere shows that \
+             nothing after it was removed (--anchor SEQ:SHA256 from the \"audit anchor\" log line)",
+            hex(&hash)
+        );
+    }
     Ok(())
 }

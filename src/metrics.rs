@@ -27,6 +27,13 @@ use time::OffsetDateTime;
 
 use crate::ca::Ca;
 
+/// `meshsign_reloads_total{what}`, taken and refused.
+#[derive(Debug, Clone)]
+pub struct ReloadCounters {
+    pub ok: IntCounter,
+    pub refused: IntCounter,
+}
+
 /// Every metric meshsign exports.
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -45,6 +52,9 @@ pub struct Metrics {
     pub token_review_cache: IntCounterVec,
     /// `meshsign_background_restarts_total{task}`: supervised loops restarted.
     pub background_restarts: IntCounterVec,
+    /// `meshsign_reloads_total{what, result}`: reloads of the CA directory,
+    /// the serving certificate files and the configuration, taken or refused.
+    pub reloads: IntCounterVec,
     /// `meshsign_log_lines_suppressed_total`: refusal log lines over budget.
     pub log_suppressed: IntCounter,
     /// `meshsign_connections_refused_total{reason}`: closed at accept by a limit.
@@ -137,6 +147,18 @@ impl Metrics {
                 &["task"],
             )?,
         )?;
+        let reloads = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "meshsign_reloads_total",
+                    "Reloads of the CA directory (what=\"ca\"), the serving certificate files \
+                     (\"serving_certificate\") and the configuration (\"config\"): \
+                     result=\"ok\" taken, \"refused\" kept the previous one.",
+                ),
+                &["what", "result"],
+            )?,
+        )?;
         let connections_refused = register(
             &registry,
             IntCounterVec::new(
@@ -182,6 +204,7 @@ impl Metrics {
                 "Refused-request log lines not written because more than the budget (100 a second) came in.",
             )?,
             background_restarts,
+            reloads,
             token_reviews,
             token_review_cache,
             csr_count: counter(
@@ -221,9 +244,22 @@ impl Metrics {
         })
     }
 
+    /// The registry, for modules that register their own metrics (the audit trail).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// The restart counter of the supervised task `task`.
     pub fn restarts(&self, task: &str) -> IntCounter {
         self.background_restarts.with_label_values(&[task])
+    }
+
+    /// The two reload counters of `what`.
+    pub fn reload_counters(&self, what: &str) -> ReloadCounters {
+        ReloadCounters {
+            ok: self.reloads.with_label_values(&[what, "ok"]),
+            refused: self.reloads.with_label_values(&[what, "refused"]),
+        }
     }
 
     /// Records the expiry of `ca`'s first root and of the first certificate

@@ -16,6 +16,71 @@ fn dev_example_is_dev_mode() {
     assert_eq!(c.listen.to_string(), "127.0.0.1:15012");
 }
 
+/// dev.yaml says it spells out what a bare `meshsign serve` does: it must.
+#[test]
+fn dev_example_is_what_serve_does_without_a_config() {
+    let (file, bare) = (example("dev.yaml"), Config::dev_default());
+    assert_eq!(file.ca, bare.ca);
+    assert_eq!(file.listen, bare.listen);
+    assert_eq!(file.state_dir, bare.state_dir);
+    assert_eq!(file.trust_domain(), bare.trust_domain());
+    assert_eq!(file.server_tls, bare.server_tls);
+    assert_eq!(
+        file.authn.client_certificates,
+        bare.authn.client_certificates
+    );
+    assert_eq!(file.authn.jwt.len(), bare.authn.jwt.len());
+    assert_eq!(file.policy.default_ttl, bare.policy.default_ttl);
+    assert_eq!(file.policy.max_ttl, bare.policy.max_ttl);
+    assert_eq!(file.policy.backdate, bare.policy.backdate);
+}
+
+#[test]
+fn plugin_ca_example_checks_tokens_offline_with_a_jwks_file() {
+    let c = example("plugin-ca.yaml");
+    assert_eq!(c.ca, CaSource::Dir("certs/cluster1".into()));
+    assert!(c.kubernetes.is_none());
+    assert_eq!(c.listen.to_string(), "0.0.0.0:15012");
+    assert_eq!(c.authn.jwt.len(), 1);
+    assert_eq!(c.authn.jwt[0].audiences, ["istio-ca"]);
+    assert_eq!(
+        c.authn.jwt[0].jwks,
+        JwksLocation::File("/etc/meshsign/jwks.json".into())
+    );
+    assert!(c.authn.client_certificates);
+    // It leaves a way to a first certificate: no warning.
+    assert_eq!(c.startup_warnings(), Vec::<String>::new());
+}
+
+/// Every file in config/ is parsed and validated by a test of this file.
+#[test]
+fn every_example_is_tested() {
+    let tested = [
+        "dev.yaml",
+        "plugin-ca.yaml",
+        "plugin-ca-kubernetes.yaml",
+        "multi-cluster.yaml",
+    ];
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let mut found: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    found.sort();
+    for name in &found {
+        assert!(
+            tested.contains(&name.as_str()),
+            "config/{name} has no test in tests/config_examples.rs"
+        );
+        // Each leaves workloads a way to their first certificate.
+        assert_eq!(
+            example(name).startup_warnings(),
+            Vec::<String>::new(),
+            "{name}"
+        );
+    }
+}
+
 #[test]
 fn plugin_ca_example_uses_tokenreview_in_cluster() {
     let c = example("plugin-ca-kubernetes.yaml");

@@ -463,3 +463,54 @@ async fn shutdown_finishes_calls_in_flight_and_is_bounded() {
         "shutdown took {took:?} with a stuck call and drain_timeout 2s"
     );
 }
+
+#[tokio::test]
+async fn a_connection_that_keeps_being_refused_is_sent_away() {
+    let ts = TestServer::dev("limits: { refusal_budget: { per_second: 0.01, burst: 5 } }\n").await;
+    let wl = Workload::new("default", "sleep", WorkloadKeyType::EcdsaP256);
+    let flood = meshsign::client::channel(&ts.endpoint()).await.unwrap();
+    let legit = meshsign::client::channel(&ts.endpoint()).await.unwrap();
+    let token = ts.token("default", "sleep");
+    // Token-less calls: refused, each spending the connection's budget.
+    for _ in 0..6 {
+        assert!(wl.send_on(&flood, None).await.is_err());
+    }
+    common::eventually("GOAWAY for refusals", Duration::from_secs(5), || async {
+        ts.metric("meshsign_connections_closed_total{reason=\"refusal_budget\"}")
+            .await
+            == 1.0
+    })
+    .await;
+    // A caller whose calls succeed is not touched, and the sent-away client
+    // is served again on a new connection (tonic reconnects).
+    for _ in 0..10 {
+        wl.send_on(&legit, Some(&token)).await.unwrap();
+    }
+    wl.send_on(&flood, Some(&token)).await.unwrap();
+    assert_eq!(
+        ts.metric("meshsign_connections_closed_total{reason=\"refusal_budget\"}")
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn a_burst_on_one_connection_is_processed_a_few_calls_at_a_time() {
+    let ts = TestServer::dev("limits: { calls_processed_per_connection: 1 }\n").await;
+    let token = ts.token("default", "sleep");
+    let channel = meshsign::client::channel(&ts.endpoint()).await.unwrap();
+    // 32 calls at once on one connection: they take turns, one at a time,
+    // and every one is answered.
+    let calls: Vec<_> = (0..32)
+        .map(|_| {
+            let (channel, token) = (channel.clone(), token.clone());
+            tokio::spawn(async move {
+                let wl = Workload::new("default", "sleep", WorkloadKeyType::EcdsaP256);
+                wl.send_on(&channel, Some(&token)).await
+            })
+        })
+        .collect();
+    for c in calls {
+        c.await.unwrap().unwrap();
+    }
+}

@@ -3,7 +3,8 @@
 #   formatting and lints, unit and integration tests (real servers on loopback,
 #   and a real kube-apiserver + etcd for the Kubernetes features),
 #   the README quick-start, then interop with Istio's own client code and grpcurl,
-#   a short coverage-guided fuzzing pass and the benchmark smoke.
+#   a short coverage-guided fuzzing pass, the benchmark smoke and the abuse
+#   suite's smoke run.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -30,3 +31,5 @@ step "interop with istio-agent's code, pilot-agent and grpcurl"
 tests/interop/run.sh
 step "benchmark smoke (seconds; checks that every request succeeds, not speed)"
 bench/run --smoke
+step "abuse smoke (every attack briefly, legitimate renewals alongside; the full run is bench/abuse)"
+bench/abuse --smoke

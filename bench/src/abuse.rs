@@ -67,11 +67,15 @@
 //! noise into failures); server RSS at the end of the settle time is within
 //! 10 MiB of its value when the attack started; the server is still running.
 //!
-//! Measuring the server, not the machine: the attacker thread and the
-//! legitimate load share one CPU, so the load's thread runs at nice -10 and
-//! the attacker's at nice -5 (so the attacker cannot delay the measuring
-//! client), and the load reports its own scheduling lag per phase
-//! (`max_client_lag_ms`). `bench/abuse` runs the server and this process
+//! Measuring the server, not the machine: the attacker has a core of its own
+//! (`--attacker-cpu`; bench/abuse gives it CPU 0 and runs the server and the
+//! legitimate load on CPU 1), as "one attacking core" means. On loopback the
+//! kernel handles a packet on the sender's CPU, so the attack's connection
+//! and packet work stays on the attacker's core too. Sharing the server's CPU
+//! costs the legitimate load a little of the server's time, never the other
+//! way round: the load's thread runs at nice -10 (the attacker's at -5, for
+//! machines where they share a CPU), and the load reports its own scheduling
+//! lag per phase (`max_client_lag_ms`). `bench/abuse` runs the server and this process
 //! each in a session of its own whose scheduling group is at nice -10 (with
 //! autogroup scheduling, per-thread nice values only order threads within a
 //! session). The server's run-queue wait and what other processes took from
@@ -188,6 +192,10 @@ pub struct AbuseArgs {
     /// Smaller attacks (fewer connections) for the smoke run.
     #[arg(long)]
     smoke: bool,
+    /// Pin the attacker thread to this CPU (the attacker's own core; the
+    /// legitimate load stays where the process was started).
+    #[arg(long)]
+    attacker_cpu: Option<usize>,
     /// Legitimate load before the baseline, not measured.
     #[arg(long, default_value = "1s", value_parser = crate::parse_duration)]
     warmup: Duration,
@@ -431,14 +439,34 @@ pub(crate) fn set_thread_nice(nice: i32) -> bool {
     }
 }
 
-/// Runs the attack on a thread of its own (one current-thread runtime) and
-/// returns once it has stopped and its runtime, with every socket it held,
-/// is gone.
-async fn run_attacker(attack: Attack, ctx: Arc<attacks::Ctx>) -> Result<bool, String> {
+/// Pins the calling thread to `cpu`; false if not permitted.
+fn pin_thread(cpu: usize) -> bool {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; the calls only touch
+    // the calling thread's affinity.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
+    }
+}
+
+/// Runs the attack on a thread of its own (one current-thread runtime,
+/// pinned to `cpu` when given) and returns once it has stopped and its
+/// runtime, with every socket it held, is gone.
+async fn run_attacker(
+    attack: Attack,
+    ctx: Arc<attacks::Ctx>,
+    cpu: Option<usize>,
+) -> Result<bool, String> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("attacker".into())
         .spawn(move || {
+            if let Some(cpu) = cpu {
+                if !pin_thread(cpu) {
+                    eprintln!("warning: cannot pin the attacker to CPU {cpu}");
+                }
+            }
             let raised = set_thread_nice(ATTACKER_NICE);
             let result = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -536,7 +564,7 @@ async fn orchestrate(args: AbuseArgs) -> Result<(), String> {
         max_request_bytes: args.max_request_bytes,
     });
     let attack_started = Instant::now();
-    let attacker = run_attacker(attack, ctx).await;
+    let attacker = run_attacker(attack, ctx, args.attacker_cpu).await;
     let attack_secs = attack_started.elapsed().as_secs_f64();
     let cpu2 = read_cpu(pid);
     let end_of_attack = read_server(pid);

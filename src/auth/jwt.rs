@@ -65,9 +65,9 @@ pub enum JwtError {
     NoMatchingKey(String),
     #[error("token has no {0} claim")]
     MissingClaim(&'static str),
-    #[error("token expired at {0}")]
+    #[error("token expired at {}", crate::logging::Rfc3339::unix(*.0))]
     Expired(u64),
-    #[error("token is not valid before {0}")]
+    #[error("token is not valid before {}", crate::logging::Rfc3339::unix(*.0))]
     NotYetValid(u64),
     #[error("token audience {0:?} holds none of the accepted audiences")]
     Audience(Vec<String>),

@@ -494,12 +494,17 @@ fn check_validity(cert: &X509Certificate<'_>, now: OffsetDateTime) -> Result<(),
     let na = cert.validity().not_after.to_datetime();
     if now < nb {
         return Err(format!(
-            "certificate {} is not valid before {nb}",
-            cert.subject()
+            "certificate {} is not valid before {}",
+            cert.subject(),
+            crate::logging::Rfc3339(nb)
         ));
     }
     if now > na {
-        return Err(format!("certificate {} expired at {na}", cert.subject()));
+        return Err(format!(
+            "certificate {} expired at {}",
+            cert.subject(),
+            crate::logging::Rfc3339(na)
+        ));
     }
     Ok(())
 }

@@ -31,7 +31,7 @@ use crate::pki::{self, SignatureScheme};
 /// Why a leaf could not be signed. All of these are server-side failures.
 #[derive(Debug, thiserror::Error)]
 pub enum SignError {
-    #[error("signing certificate has expired at {0}")]
+    #[error("signing certificate has expired at {}", crate::logging::Rfc3339(*.0))]
     SignerExpired(OffsetDateTime),
     #[error("requested validity ends before it starts")]
     EmptyValidity,

@@ -83,6 +83,7 @@ pub async fn watch(
     ca: Arc<ArcSwap<Ca>>,
     every: Duration,
     changed: Arc<watch::Sender<u64>>,
+    reloads: crate::metrics::ReloadCounters,
 ) {
     let mut seen = fingerprint(&dir);
     // After a refusal: when to try the same files again, and the wait after that.
@@ -111,7 +112,7 @@ pub async fn watch(
                 tracing::info!(
                     dir = %dir.display(),
                     key = %b.key_kind,
-                    signer_expires = %b.not_after,
+                    signer_expires = %crate::logging::Rfc3339(b.not_after),
                     roots = b.roots.len(),
                     roots_added,
                     roots_removed,
@@ -119,9 +120,11 @@ pub async fn watch(
                 );
                 ca.store(Arc::new(next));
                 changed.send_modify(|generation| *generation += 1);
+                reloads.ok.inc();
                 retry = None;
             }
             Ok(Err(e)) => {
+                reloads.refused.inc();
                 let wait = match retry {
                     Some((_, wait)) if !files_changed => (wait * 2).min(MAX_RETRY),
                     _ => every,

@@ -173,12 +173,12 @@ fn wall_now() -> MicroTime {
 /// Why a round of the election failed (we are not leader after it).
 #[derive(Debug, thiserror::Error)]
 pub enum LeaseError {
-    #[error("lease {namespace}/{name}: {source}")]
+    /// The cause is in the message, so it is not also the `source()`.
+    #[error("lease {namespace}/{name}: {error}")]
     Api {
         namespace: String,
         name: String,
-        #[source]
-        source: kube::Error,
+        error: kube::Error,
     },
     #[error("lease {namespace}/{name}: no answer within {timeout:?}")]
     Timeout {
@@ -293,11 +293,11 @@ impl LeaderElector {
         }
     }
 
-    fn api_error(&self, source: kube::Error) -> LeaseError {
+    fn api_error(&self, error: kube::Error) -> LeaseError {
         LeaseError::Api {
             namespace: self.settings.namespace.clone(),
             name: self.settings.name.clone(),
-            source,
+            error,
         }
     }
 

@@ -90,8 +90,10 @@ pub struct ConnSettings {
     pub max_request_bytes: usize,
     pub stream_budget: Budget,
     pub reset_budget: Budget,
+    pub refusal_budget: Budget,
     pub drain_timeout: Duration,
     pub max_calls_in_flight: usize,
+    pub calls_processed_per_connection: usize,
 }
 
 impl ConnSettings {
@@ -109,8 +111,10 @@ impl ConnSettings {
             max_request_bytes: l.max_request_bytes,
             stream_budget: l.stream_budget,
             reset_budget: l.reset_budget,
+            refusal_budget: l.refusal_budget,
             drain_timeout: l.drain_timeout,
             max_calls_in_flight: l.max_calls_in_flight,
+            calls_processed_per_connection: l.calls_processed_per_connection,
         }
     }
 }
@@ -192,6 +196,7 @@ enum CloseReason {
     StreamBudget,
     ResetBudget,
     Shutdown,
+    RefusalBudget,
 }
 
 impl CloseReason {
@@ -202,6 +207,7 @@ impl CloseReason {
             CloseReason::StreamBudget => "stream_budget",
             CloseReason::ResetBudget => "reset_budget",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::RefusalBudget => "refusal_budget",
         }
     }
 
@@ -212,6 +218,7 @@ impl CloseReason {
             3 => CloseReason::StreamBudget,
             4 => CloseReason::ResetBudget,
             5 => CloseReason::Shutdown,
+            6 => CloseReason::RefusalBudget,
             _ => return None,
         })
     }
@@ -260,6 +267,12 @@ struct ConnState {
     last_call_end_ms: AtomicU64,
     streams: ConnBudget,
     resets: ConnBudget,
+    /// Calls refused for the client's fault.
+    refusals: ConnBudget,
+    /// Turns to be processed: a connection's burst of calls runs a few at a
+    /// time, so it cannot queue hundreds of tasks ahead of other
+    /// connections' calls on the workers.
+    turns: Arc<tokio::sync::Semaphore>,
     /// A budget ran out: the reason, and a wake-up for the connection task.
     abuse: AtomicU8,
     abuse_signal: Notify,
@@ -297,6 +310,10 @@ async fn serve_connection(conn: Conn, shared: Arc<Shared>, mut drain: watch::Rec
         last_call_end_ms: AtomicU64::new(0),
         streams: ConnBudget::new(settings.stream_budget, now),
         resets: ConnBudget::new(settings.reset_budget, now),
+        refusals: ConnBudget::new(settings.refusal_budget, now),
+        turns: Arc::new(tokio::sync::Semaphore::new(
+            settings.calls_processed_per_connection,
+        )),
         abuse: AtomicU8::new(0),
         abuse_signal: Notify::new(),
     });
@@ -319,7 +336,7 @@ async fn serve_connection(conn: Conn, shared: Arc<Shared>, mut drain: watch::Rec
         let goaway: Option<(CloseReason, Duration)> = tokio::select! {
             done = connection.as_mut() => {
                 if let Err(e) = done {
-                    tracing::debug!(remote = ?state.peer.remote, error = %e, "connection ended with an error");
+                    tracing::debug!(remote = state.peer.remote.map(tracing::field::display), error = %e, "connection ended with an error");
                 }
                 break;
             }
@@ -336,7 +353,7 @@ async fn serve_connection(conn: Conn, shared: Arc<Shared>, mut drain: watch::Rec
             _ = drain.changed(), if serving => Some((CloseReason::Shutdown, settings.drain_timeout)),
             _ = tokio::time::sleep_until(close_by.unwrap_or(far)), if !serving => {
                 metrics.connections_closed.with_label_values(&["forced"]).inc();
-                tracing::debug!(remote = ?state.peer.remote, "closing a connection whose grace ran out");
+                tracing::debug!(remote = state.peer.remote.map(tracing::field::display), "closing a connection whose grace ran out");
                 break;
             }
         };
@@ -345,8 +362,15 @@ async fn serve_connection(conn: Conn, shared: Arc<Shared>, mut drain: watch::Rec
                 .connections_closed
                 .with_label_values(&[reason.label()])
                 .inc();
-            if matches!(reason, CloseReason::StreamBudget | CloseReason::ResetBudget) {
-                tracing::info!(remote = ?state.peer.remote, reason = reason.label(), "sending GOAWAY: connection over its budget");
+            if matches!(
+                reason,
+                CloseReason::StreamBudget | CloseReason::ResetBudget | CloseReason::RefusalBudget
+            ) {
+                tracing::info!(
+                    remote = state.peer.remote.map(tracing::field::display),
+                    reason = reason.label(),
+                    "sending GOAWAY: connection over its budget"
+                );
             }
             connection.as_mut().graceful_shutdown();
             close_by = Some(Instant::now() + grace);
@@ -413,6 +437,24 @@ impl StreamGuard {
         self.finished.store(true, Ordering::Release);
     }
 
+    /// The call was answered with `code`: a refusal for the client's own
+    /// fault spends the connection's refusal budget. A connection that keeps
+    /// sending what is refused (a flood without, or with forged, credentials)
+    /// is sent away, so each further burst costs it a new TLS handshake.
+    fn refused(&self, code: Code) {
+        let clients_fault = matches!(
+            code,
+            Code::Unauthenticated
+                | Code::PermissionDenied
+                | Code::InvalidArgument
+                | Code::ResourceExhausted
+                | Code::Unimplemented
+        );
+        if clients_fault && !self.state.refusals.take(Instant::now()) {
+            self.state.flag(CloseReason::RefusalBudget);
+        }
+    }
+
     /// The client gave up on this stream (seen by the handler itself):
     /// charged to the reset budget now, once.
     fn abandoned(&self) {
@@ -442,17 +484,26 @@ impl Drop for StreamGuard {
 }
 
 /// Set by the CA service when a request reached it (so a refusal without it
-/// was made while decoding).
+/// was made while decoding), and when it shed the request for its own
+/// overload (a refusal that is not the client's fault).
 #[derive(Debug, Clone, Default)]
-pub struct ReachedService(Arc<AtomicBool>);
+pub struct ReachedService(Arc<(AtomicBool, AtomicBool)>);
 
 impl ReachedService {
     pub fn mark(&self) {
-        self.0.store(true, Ordering::Release);
+        self.0 .0.store(true, Ordering::Release);
+    }
+
+    pub fn mark_overloaded(&self) {
+        self.0 .1.store(true, Ordering::Release);
     }
 
     fn reached(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+        self.0 .0.load(Ordering::Acquire)
+    }
+
+    fn overloaded(&self) -> bool {
+        self.0 .1.load(Ordering::Acquire)
     }
 }
 
@@ -545,6 +596,23 @@ async fn handle(
     };
     let request = Request::from_parts(parts, body);
     let mut routes = guard.shared.routes.clone();
+    // Unary calls take a turn (streaming calls, which mostly wait, do not).
+    let turn = if unary {
+        let turns = guard.state.turns.clone();
+        match tokio::time::timeout_at(deadline, turns.acquire_owned()).await {
+            Ok(Ok(permit)) => Some(permit),
+            // Never closed; a call that waited past its deadline is answered so.
+            Ok(Err(_)) | Err(_) => {
+                return refuse(
+                    guard,
+                    "deadline",
+                    Status::deadline_exceeded("request timed out"),
+                );
+            }
+        }
+    } else {
+        None
+    };
     let response = match tokio::time::timeout_at(deadline, routes.call(request)).await {
         Ok(Ok(response)) => response,
         Ok(Err(never)) => match never {},
@@ -556,7 +624,11 @@ async fn handle(
             );
         }
     };
+    drop(turn);
     if let Some(code) = grpc_status(&response) {
+        if !reached.as_ref().is_some_and(ReachedService::overloaded) {
+            guard.refused(code);
+        }
         let early = match &reached {
             Some(r) if !r.reached() => Some("decode"),
             _ if code == Code::Unimplemented => Some("unimplemented"),
@@ -587,7 +659,7 @@ fn count_early(guard: &StreamGuard, reason: &str, code: Code) {
     {
         Some(suppressed) => tracing::warn!(
             code = ?code,
-            remote = ?guard.state.peer.remote,
+            remote = guard.state.peer.remote.map(tracing::field::display),
             reason,
             suppressed_before = suppressed,
             "call refused before the service read it"
@@ -600,6 +672,9 @@ fn count_early(guard: &StreamGuard, reason: &str, code: Code) {
 /// early refusal for `reason`.
 fn refuse(guard: StreamGuard, reason: &str, status: Status) -> Response<StreamBody> {
     count_early(&guard, reason, status.code());
+    if reason != "calls_in_flight" {
+        guard.refused(status.code());
+    }
     // Answered: not an abandoned stream.
     guard.finish();
     status_response(status, guard)

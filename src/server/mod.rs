@@ -42,8 +42,10 @@ pub use tls::{PeerInfo, ServingCertificate};
 /// Why the server could not start. Each message says what to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// The cause is in the message, so it is not also the `source()` (a
+    /// chain printer would write it twice).
     #[error("CA bundle: {0}")]
-    Bundle(#[from] crate::ca::BundleError),
+    Bundle(crate::ca::BundleError),
     #[error("dev token issuer: {0}")]
     DevIssuer(String),
     #[error("JWT issuer {issuer}: {reason}")]
@@ -56,6 +58,22 @@ pub enum StartError {
     Kubernetes(#[from] crate::k8s::ClusterError),
     #[error("cannot listen on {addr}: {reason}")]
     Listen { addr: SocketAddr, reason: String },
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
+}
+
+/// What [`start_with`] can be given besides the configuration.
+#[derive(Debug, Default)]
+pub struct StartOptions {
+    /// Where audit files are written (`None`: the file system). Tests put a
+    /// storage here that fails like a full disk.
+    pub audit_storage: Option<Arc<dyn crate::audit::AuditStorage>>,
+}
+
+impl From<crate::ca::BundleError> for StartError {
+    fn from(e: crate::ca::BundleError) -> Self {
+        StartError::Bundle(e)
+    }
 }
 
 /// A started server.
@@ -69,15 +87,26 @@ pub struct RunningServer {
     pub dev: Option<DevCaState>,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
+    audit: Option<Arc<crate::audit::AuditLog>>,
 }
 
 impl RunningServer {
-    /// Stops accepting, lets in-flight requests finish, and waits.
+    /// Stops accepting, lets in-flight requests finish, and waits (then
+    /// writes every queued audit record and logs the last audit anchor).
     pub async fn shutdown(mut self) -> Result<(), String> {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        self.wait().await
+        let result = self.wait().await;
+        if let Some(audit) = &self.audit {
+            audit.close().await;
+        }
+        result
+    }
+
+    /// The audit trail, when configured.
+    pub fn audit(&self) -> Option<&crate::audit::AuditLog> {
+        self.audit.as_deref()
     }
 
     /// Waits until the server stops.
@@ -88,6 +117,14 @@ impl RunningServer {
 
 /// Builds everything from `config` and starts serving.
 pub async fn start(config: &Config) -> Result<RunningServer, StartError> {
+    start_with(config, StartOptions::default()).await
+}
+
+/// [`start`], with `options`.
+pub async fn start_with(
+    config: &Config,
+    options: StartOptions,
+) -> Result<RunningServer, StartError> {
     // reqwest (JWKS over HTTPS) uses the process-wide rustls provider.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let now = OffsetDateTime::now_utc();
@@ -104,6 +141,23 @@ pub async fn start(config: &Config) -> Result<RunningServer, StartError> {
         crate::metrics::Metrics::new().map_err(|e| StartError::Monitoring(e.to_string()))?,
     );
     metrics.record_ca(&ca);
+    let audit = match &config.audit {
+        Some(a) => {
+            let storage = options
+                .audit_storage
+                .unwrap_or_else(|| Arc::new(crate::audit::FileSystem));
+            let log =
+                crate::audit::AuditLog::start(a, &config.state_dir, storage, metrics.registry())
+                    .await?;
+            let on_failure = match a.on_failure {
+                crate::config::AuditOnFailure::Refuse => "refuse",
+                crate::config::AuditOnFailure::Count => "count",
+            };
+            tracing::info!(dir = %log.dir().display(), on_failure, "audit trail on");
+            Some(Arc::new(log))
+        }
+        None => None,
+    };
     let roots_pem = ca.roots_pem().to_owned();
     let ca = Arc::new(ArcSwap::from_pointee(ca));
     // Counts CA swaps (reloads); followers subscribe.
@@ -118,8 +172,15 @@ pub async fn start(config: &Config) -> Result<RunningServer, StartError> {
                 config.ca_reload_interval,
                 ca_changed.clone(),
             );
+            let reloads = metrics.reload_counters("ca");
             supervise::spawn("ca-reload", metrics.restarts("ca-reload"), move || {
-                crate::ca::reload::watch(dir.clone(), ca.clone(), every, changed.clone())
+                crate::ca::reload::watch(
+                    dir.clone(),
+                    ca.clone(),
+                    every,
+                    changed.clone(),
+                    reloads.clone(),
+                )
             });
         }
     }
@@ -227,6 +288,30 @@ pub async fn start(config: &Config) -> Result<RunningServer, StartError> {
                     },
                 );
             }
+            if let (ServerTls::Files { cert, key }, false) =
+                (other, config.ca_reload_interval.is_zero())
+            {
+                let (serving, cert, key, every) = (
+                    serving.clone(),
+                    cert.clone(),
+                    key.clone(),
+                    config.ca_reload_interval,
+                );
+                let reloads = metrics.reload_counters("serving_certificate");
+                supervise::spawn(
+                    "serving-files",
+                    metrics.restarts("serving-files"),
+                    move || {
+                        serving_cert::watch_serving_files(
+                            serving.clone(),
+                            cert.clone(),
+                            key.clone(),
+                            every,
+                            reloads.clone(),
+                        )
+                    },
+                );
+            }
             let client_certificates = config.authn.client_certificates;
             let settings = tls_settings(&serving, &ca.load(), client_certificates)
                 .map_err(StartError::ServingCertificate)?;
@@ -265,6 +350,12 @@ pub async fn start(config: &Config) -> Result<RunningServer, StartError> {
             max_handshakes: config.limits.max_concurrent_handshakes,
             refused: metrics.connections_refused.clone(),
         },
+        tls::HandshakeThreads::start(config.limits.handshake_threads).map_err(|e| {
+            StartError::Listen {
+                addr: config.listen,
+                reason: format!("cannot start the handshake threads: {e}"),
+            }
+        })?,
     );
 
     let service = Arc::new(
@@ -278,7 +369,8 @@ pub async fn start(config: &Config) -> Result<RunningServer, StartError> {
         )
         .and_then(|s| s.with_limits(config.limits.max_signing_queue, &config.rate_limits))
         .map_err(|e| StartError::ServingCertificate(format!("cannot start signer threads: {e}")))?
-        .with_node_authorizer(node_authorizer),
+        .with_node_authorizer(node_authorizer)
+        .with_audit(audit.clone()),
     );
     let refusal_log = service.refusal_log();
     let ca_service = IstioCertificateServiceServer::new(service)
@@ -381,6 +473,7 @@ pub async fn start(config: &Config) -> Result<RunningServer, StartError> {
         dev: dev_state,
         shutdown: Some(shutdown_tx),
         task,
+        audit,
     })
 }
 
@@ -448,7 +541,7 @@ fn log_bundle(ca: &Ca) {
         key = %b.key_kind,
         chain = b.chain.len(),
         roots = b.roots.len(),
-        signer_expires = %b.not_after,
+        signer_expires = %crate::logging::Rfc3339(b.not_after),
         "CA bundle loaded and verified"
     );
     if ca.uri_name_constraints().is_ok_and(|c| !c.is_empty()) {

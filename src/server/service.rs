@@ -2,7 +2,7 @@
 //! auth → csr → policy → ca, and the response in istiod's shape.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use time::OffsetDateTime;
@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status};
 
 use super::conn::ReachedService;
 use super::tls::PeerInfo;
+use crate::audit::{AuditLog, AuditUnavailable, Decision, Outcome};
 use crate::auth::{Authenticator, CallerIdentity, Credentials};
 use crate::ca::pool::SigningPool;
 use crate::ca::{Ca, LeafSpec, SanEntry};
@@ -52,6 +53,8 @@ pub struct CertificateService {
     /// Refusals are caused by strangers: their log lines have a budget
     /// (shared with the connection layer's refusals).
     refusal_log: Arc<LineBudget>,
+    /// The audit trail: one record per decision (`None`: off).
+    audit: Option<Arc<AuditLog>>,
 }
 
 /// Signatures that may wait for a signer thread unless configured otherwise.
@@ -80,7 +83,14 @@ impl CertificateService {
             allow_plaintext,
             metrics,
             refusal_log: Arc::new(LineBudget::new(REFUSAL_LOG_PER_SECOND)),
+            audit: None,
         })
+    }
+
+    /// Records every decision in `audit`.
+    pub fn with_audit(mut self, audit: Option<Arc<AuditLog>>) -> Self {
+        self.audit = audit;
+        self
     }
 
     /// Applies the configured signing queue bound and rate limits.
@@ -115,6 +125,19 @@ impl CertificateService {
         metadata: &MetadataMap,
         request: &IstioCertificateRequest,
     ) -> Result<(CallerIdentity, Option<SpiffeId>, SigningJob), RequestError> {
+        self.authorize_noting(peer, metadata, request, &mut RefusalFacts::default())
+            .await
+    }
+
+    /// [`Self::authorize`], noting in `refusal` what a refusal's audit
+    /// record needs (the caller once authenticated, the identity asked for).
+    pub async fn authorize_noting(
+        &self,
+        peer: Option<&PeerInfo>,
+        metadata: &MetadataMap,
+        request: &IstioCertificateRequest,
+        refusal: &mut RefusalFacts,
+    ) -> Result<(CallerIdentity, Option<SpiffeId>, SigningJob), RequestError> {
         // A request without connection info is treated as plaintext (fail closed).
         if !peer.is_some_and(|p| p.tls) && !self.allow_plaintext {
             return Err(RequestError::PlaintextRefused);
@@ -143,13 +166,31 @@ impl CertificateService {
             Err(e) if e.unavailable => return Err(RequestError::AuthUnavailable(e)),
             Err(e) => return Err(RequestError::Unauthenticated(e)),
         };
+        match self.authorize_caller(&caller, client_chain, request, now_ms, refusal) {
+            Ok((impersonated, job)) => Ok((caller, impersonated, job)),
+            Err(e) => {
+                refusal.caller = Some(caller);
+                Err(e)
+            }
+        }
+    }
+
+    /// [`Self::authorize`] once the caller is known.
+    fn authorize_caller(
+        &self,
+        caller: &CallerIdentity,
+        client_chain: Option<&crate::auth::ClientChain>,
+        request: &IstioCertificateRequest,
+        now_ms: u64,
+        refusal: &mut RefusalFacts,
+    ) -> Result<(Option<SpiffeId>, SigningJob), RequestError> {
         let requested = impersonated_identity(request);
         let instance = match caller.source {
             crate::auth::AuthSource::ClientCertificate => client_chain.map(|c| c.leaf().as_ref()),
             _ => None,
         };
         self.limiter
-            .admit(&caller, instance, requested.is_some(), now_ms)
+            .admit(caller, instance, requested.is_some(), now_ms)
             .map_err(RequestError::RateLimited)?;
 
         // The identity the leaf is for: the caller's own, or (ztunnel) the
@@ -157,18 +198,19 @@ impl CertificateService {
         // exactly it, and the policy rules apply to it.
         let impersonated = match requested {
             None => None,
-            Some(requested) => Some(self.authorize_impersonation(&caller, requested)?),
+            Some(requested) => Some(self.authorize_impersonation(caller, requested)?),
         };
         let subject = impersonated.as_ref().unwrap_or(&caller.id);
 
         let csr = csr::validate(&request.csr, &self.key_policy)?;
-        self.policy.authorize(subject, &csr.identity)?;
+        self.policy
+            .authorize(subject, &csr.identity)
+            .inspect_err(|_| refusal.requested = Some(csr.identity.to_string()))?;
         let now = OffsetDateTime::now_utc();
         let (not_before, not_after) = self.policy.validity(request.validity_duration, now)?;
         let uri = csr.identity.to_string();
         let common_name = (csr.wants_common_name && uri.len() <= MAX_CN_LEN).then(|| uri.clone());
         Ok((
-            caller,
             impersonated,
             SigningJob {
                 spki_der: csr.spki_der,
@@ -214,6 +256,14 @@ impl CertificateService {
     /// Signs an authorized job and builds the response elements. RSA
     /// signatures run on the blocking pool, at most one per core at a time.
     pub async fn sign(&self, job: SigningJob) -> Result<Vec<String>, RequestError> {
+        self.sign_leaf(job).await.map(|(chain, _)| chain)
+    }
+
+    /// [`Self::sign`], also returning the leaf (for its audit record).
+    async fn sign_leaf(
+        &self,
+        job: SigningJob,
+    ) -> Result<(Vec<String>, rustls_pki_types::CertificateDer<'static>), RequestError> {
         let ca = self.ca.load_full();
         let sign = move |ca: &Ca| {
             ca.sign(&LeafSpec {
@@ -239,7 +289,103 @@ impl CertificateService {
         let mut chain = Vec::with_capacity(tail.len() + 1);
         chain.push(pki::cert_pem(&leaf));
         chain.extend(tail.iter().cloned());
-        Ok(chain)
+        Ok((chain, leaf))
+    }
+
+    /// Signs, and records the issuance. With `audit.on_failure: refuse` a
+    /// queue slot is reserved before signing and the certificate is
+    /// returned only once its record is written.
+    async fn issue(
+        &self,
+        caller: CallerIdentity,
+        impersonated: Option<SpiffeId>,
+        job: SigningJob,
+        remote: Option<std::net::SocketAddr>,
+    ) -> Result<(CallerIdentity, Option<SpiffeId>, Vec<String>), (RequestError, RefusalFacts)> {
+        let slot = match self.audit.as_deref() {
+            Some(audit) if audit.refuses() => match audit.reserve() {
+                Ok(slot) => Some(slot),
+                Err(e) => return Err((e.into(), RefusalFacts::of(caller, impersonated))),
+            },
+            _ => None,
+        };
+        let (chain, leaf) = match self.sign_leaf(job).await {
+            Ok(signed) => signed,
+            Err(e) => return Err((e, RefusalFacts::of(caller, impersonated))),
+        };
+        if let Some(audit) = &self.audit {
+            let decision = Decision {
+                time: SystemTime::now(),
+                outcome: Outcome::Issued { leaf },
+                code: tonic::Code::Ok,
+                reason: None,
+                caller: Some(caller.id.to_string()),
+                auth: Some(caller.source.clone()),
+                pod: caller.pod.clone(),
+                remote,
+                requested: Some(impersonated.as_ref().unwrap_or(&caller.id).to_string()),
+                impersonated: impersonated.is_some(),
+            };
+            match slot {
+                Some(slot) => {
+                    if !audit.commit(slot, decision).await {
+                        let e = AuditUnavailable::WriteFailed.into();
+                        return Err((e, RefusalFacts::of(caller, impersonated)));
+                    }
+                }
+                None => audit.record(decision, false),
+            }
+        }
+        Ok((caller, impersonated, chain))
+    }
+
+    /// The audit record of a refusal (without waiting for it).
+    fn record_refusal(
+        &self,
+        e: &RequestError,
+        code: tonic::Code,
+        facts: RefusalFacts,
+        remote: Option<std::net::SocketAddr>,
+    ) {
+        let Some(audit) = &self.audit else {
+            return;
+        };
+        let caller = facts.caller.as_ref();
+        audit.record(
+            Decision {
+                time: SystemTime::now(),
+                outcome: Outcome::Refused,
+                code,
+                reason: Some(crate::audit::record::scrub_reason(&e.to_string())),
+                caller: caller.map(|c| c.id.to_string()),
+                auth: caller.map(|c| c.source.clone()),
+                pod: caller.and_then(|c| c.pod.clone()),
+                remote,
+                requested: facts.requested,
+                impersonated: facts.impersonated,
+            },
+            caller.is_none(),
+        );
+    }
+}
+
+/// What is known of a refused request, for its audit record.
+#[derive(Debug, Default)]
+pub struct RefusalFacts {
+    /// Set once the caller authenticated.
+    pub caller: Option<CallerIdentity>,
+    /// The identity asked for, when known.
+    pub requested: Option<String>,
+    pub impersonated: bool,
+}
+
+impl RefusalFacts {
+    fn of(caller: CallerIdentity, impersonated: Option<SpiffeId>) -> Self {
+        Self {
+            requested: Some(impersonated.as_ref().unwrap_or(&caller.id).to_string()),
+            impersonated: impersonated.is_some(),
+            caller: Some(caller),
+        }
     }
 }
 
@@ -298,23 +444,28 @@ impl IstioCertificateService for Arc<CertificateService> {
     ) -> Result<Response<IstioCertificateResponse>, Status> {
         self.metrics.csr_count.inc();
         let started = Instant::now();
-        if let Some(reached) = request.extensions().get::<ReachedService>() {
-            reached.mark();
+        let reached = request.extensions().get::<ReachedService>().cloned();
+        if let Some(r) = &reached {
+            r.mark();
         }
         let peer = request.extensions().get::<Arc<PeerInfo>>().map(|p| &**p);
         let remote = peer.and_then(|p| p.remote);
+        let mut refusal = RefusalFacts::default();
         let authorized = self
-            .authorize(peer, request.metadata(), request.get_ref())
+            .authorize_noting(peer, request.metadata(), request.get_ref(), &mut refusal)
             .await;
+        if authorized.is_err() && self.audit.is_some() {
+            if let Some(id) = impersonated_identity(request.get_ref()) {
+                refusal.impersonated = true;
+                refusal.requested = Some(id.chars().take(120).collect());
+            }
+        }
         // The request (token, CSR, headers) is not needed any more; a request
         // waiting for a signing slot holds only its small SigningJob.
         drop(request);
         let result = match authorized {
-            Ok((caller, impersonated, job)) => self
-                .sign(job)
-                .await
-                .map(|chain| (caller, impersonated, chain)),
-            Err(e) => Err(e),
+            Ok((caller, impersonated, job)) => self.issue(caller, impersonated, job, remote).await,
+            Err(e) => Err((e, refusal)),
         };
         match result {
             Ok((caller, impersonated, cert_chain)) => {
@@ -324,7 +475,7 @@ impl IstioCertificateService for Arc<CertificateService> {
                     impersonated_by = impersonated.is_some().then_some(&caller.id).map(tracing::field::display),
                     auth = %caller.source,
                     pod = caller.pod.as_ref().map(|p| p.name.as_str()),
-                    remote = ?remote,
+                    remote = remote.map(tracing::field::display),
                     elapsed_us = started.elapsed().as_micros() as u64,
                     "issued certificate"
                 );
@@ -335,8 +486,9 @@ impl IstioCertificateService for Arc<CertificateService> {
                     .observe(started.elapsed().as_secs_f64());
                 Ok(Response::new(IstioCertificateResponse { cert_chain }))
             }
-            Err(e) => {
+            Err((e, refusal)) => {
                 let status = e.to_status();
+                self.record_refusal(&e, status.code(), refusal, remote);
                 if e.is_authentication_failure() {
                     self.metrics.authn_failures.inc();
                     if let Some(addr) = remote {
@@ -348,11 +500,15 @@ impl IstioCertificateService for Arc<CertificateService> {
                     RequestError::RateLimited(spent) => {
                         self.metrics.shed.with_label_values(&[spent.label()]).inc()
                     }
-                    RequestError::Overloaded(_) => self
-                        .metrics
-                        .shed
-                        .with_label_values(&["signing_queue"])
-                        .inc(),
+                    RequestError::Overloaded(_) => {
+                        if let Some(r) = &reached {
+                            r.mark_overloaded();
+                        }
+                        self.metrics
+                            .shed
+                            .with_label_values(&["signing_queue"])
+                            .inc()
+                    }
                     _ => {}
                 }
                 if let Some(kind) = e.istio_error_type() {
@@ -368,7 +524,7 @@ impl IstioCertificateService for Arc<CertificateService> {
                 match self.refusal_log.admit(SystemClock.now_unix()) {
                     Some(suppressed) => tracing::warn!(
                         code = ?status.code(),
-                        remote = ?remote,
+                        remote = remote.map(tracing::field::display),
                         error = %e,
                         suppressed_before = suppressed,
                         "CreateCertificate refused"

@@ -1,5 +1,8 @@
 //! The server's own TLS certificate: issued by the CA itself (renewed at half
-//! its life and whenever a new signing CA is loaded) or read from files.
+//! its life and whenever a new signing CA is loaded) or read from files (e.g.
+//! written by cert-manager), which are re-read when they change and used only
+//! once they pass every check: the chain parses, the key matches its leaf,
+//! and the leaf is valid now.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,7 +45,77 @@ fn load_serving_files(
         "EC PRIVATE KEY" => PrivateKeyDer::Sec1(block.into_contents().into()),
         other => return Err(format!("{}: unexpected PEM block {other:?}", key.display())),
     };
-    tls::certified_key(chain, der)
+    let leaf = crate::pki::parse_cert(&chain[0]).map_err(|e| format!("{}: {e}", cert.display()))?;
+    let now = OffsetDateTime::now_utc();
+    let validity = leaf.validity();
+    if now < validity.not_before.to_datetime() || now > validity.not_after.to_datetime() {
+        return Err(format!(
+            "{}: the certificate is not valid now (valid {} .. {})",
+            cert.display(),
+            validity.not_before.to_datetime(),
+            validity.not_after.to_datetime()
+        ));
+    }
+    let certified = tls::certified_key(chain, der)?;
+    certified.keys_match().map_err(|e| {
+        format!(
+            "{}: the key does not match {}: {e}",
+            key.display(),
+            cert.display()
+        )
+    })?;
+    Ok(certified)
+}
+
+/// What the serving files looked like: size and modification time of each
+/// (symlinks followed, as Secret volumes swap them).
+fn files_state(paths: [&std::path::Path; 2]) -> [Option<(u64, std::time::SystemTime)>; 2] {
+    paths.map(|p| {
+        std::fs::metadata(p)
+            .ok()
+            .and_then(|m| Some((m.len(), m.modified().ok()?)))
+    })
+}
+
+/// Re-reads the serving certificate files every `every` when they changed
+/// (or after a refusal: a pair written one file at a time is caught half
+/// way); a pair that passes every check replaces the certificate for new
+/// handshakes, one that does not changes nothing but a log line and
+/// `meshsign_reloads_total{what="serving_certificate",result="refused"}`.
+pub(super) async fn watch_serving_files(
+    serving: Arc<ServingCertificate>,
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+    every: Duration,
+    reloads: crate::metrics::ReloadCounters,
+) {
+    let mut seen = files_state([&cert, &key]);
+    let mut refused = false;
+    loop {
+        tokio::time::sleep(every).await;
+        let now_seen = files_state([&cert, &key]);
+        if now_seen == seen && !refused {
+            continue;
+        }
+        seen = now_seen;
+        let (c, k) = (cert.clone(), key.clone());
+        let loaded = tokio::task::spawn_blocking(move || load_serving_files(&c, &k))
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+        match loaded {
+            Ok(next) => {
+                serving.replace(next);
+                refused = false;
+                reloads.ok.inc();
+                tracing::info!(cert = %cert.display(), "serving certificate files changed: new certificate in use");
+            }
+            Err(e) => {
+                refused = true;
+                reloads.refused.inc();
+                tracing::error!(error = %e, "serving certificate files changed but were refused; still serving the previous certificate");
+            }
+        }
+    }
 }
 
 /// A fresh P-256 key and a certificate for the configured names, signed by the
@@ -134,7 +207,7 @@ pub(super) async fn renew_serving_certificate(
             Ok((key, not_after)) => {
                 serving.replace(key);
                 wait = half_life(not_after);
-                tracing::info!(expires = %not_after, "serving certificate renewed");
+                tracing::info!(expires = %crate::logging::Rfc3339(not_after), "serving certificate renewed");
             }
             Err(e) => {
                 tracing::error!(error = %e, "serving certificate renewal failed; retrying in 1m");

@@ -300,14 +300,68 @@ impl Handshakes {
     }
 }
 
+/// The threads TLS handshakes run on: a small runtime of their own, at a
+/// lower priority than the workers that serve established connections.
+///
+/// A burst of new connections (a reconnect storm, or an attacker opening
+/// thousands) would otherwise queue thousands of handshake tasks on the
+/// workers, ahead of the next call of every established connection; here
+/// the operating system runs a worker with a call to make before the
+/// handshake thread. Sockets stay registered with the main runtime's I/O
+/// driver (they are accepted there), so a busy handshake thread never delays
+/// the readiness of established connections. Dropping it stops its threads.
+pub struct HandshakeThreads {
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl HandshakeThreads {
+    /// `threads` handshake threads, each at nice +5 relative to the process.
+    pub fn start(threads: usize) -> io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads.max(1))
+            .thread_name("meshsign-handshake")
+            .on_thread_start(lower_thread_priority)
+            .enable_all()
+            .build()?;
+        Ok(Self {
+            runtime: Some(runtime),
+        })
+    }
+
+    fn handle(&self) -> Option<tokio::runtime::Handle> {
+        self.runtime.as_ref().map(|r| r.handle().clone())
+    }
+}
+
+impl Drop for HandshakeThreads {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            // Does not block (allowed inside an async context).
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Nice +5 for the calling thread, relative to its current value (Linux:
+/// per thread). Best effort.
+fn lower_thread_priority() {
+    // SAFETY: plain system calls on the calling thread's own id.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        let current = libc::getpriority(libc::PRIO_PROCESS, tid);
+        libc::setpriority(libc::PRIO_PROCESS, tid, (current + 5).min(19));
+    }
+}
+
 /// Accepts connections on `listener` and yields them once their handshake is
-/// done; `tls = None` serves plaintext. Connections past the limits are
+/// done (on `handshake_threads`); `tls = None` serves plaintext. Connections past the limits are
 /// accepted and closed at once (never left in the kernel's queue or hanging
 /// in a handshake), and counted.
 pub fn incoming(
     listener: TcpListener,
     tls: Option<Arc<ArcSwap<TlsSettings>>>,
     limits: ConnLimits,
+    handshake_threads: HandshakeThreads,
 ) -> tokio_stream::wrappers::ReceiverStream<io::Result<Conn>> {
     let (tx, rx) = mpsc::channel::<io::Result<Conn>>(256);
     let handshake_timeout = limits.handshake_timeout;
@@ -315,7 +369,10 @@ pub fn incoming(
     let handshakes = Arc::new(Handshakes::new(limits.max_handshakes));
     let refused_connections = limits.refused.with_label_values(&["max_connections"]);
     let refused_handshakes = limits.refused.with_label_values(&["max_handshakes"]);
+    let on_handshake_threads = handshake_threads.handle();
     tokio::spawn(async move {
+        // Owned by the accept loop: the handshake threads stop with it.
+        let _handshake_threads = handshake_threads;
         loop {
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
@@ -363,7 +420,7 @@ pub fn incoming(
             }
             let handshakes = handshakes.clone();
             let acceptor = TlsAcceptor::from(settings.config.clone());
-            tokio::spawn(async move {
+            let handshake_task = async move {
                 let handshake = tokio::select! {
                     done = tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)) => Some(done),
                     // Closed to make room for a newer handshake.
@@ -393,7 +450,11 @@ pub fn incoming(
                     Ok(Err(e)) => tracing::debug!(%remote, error = %e, "TLS handshake failed"),
                     Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
                 }
-            });
+            };
+            match &on_handshake_threads {
+                Some(threads) => drop(threads.spawn(handshake_task)),
+                None => drop(tokio::spawn(handshake_task)),
+            }
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
