@@ -282,7 +282,6 @@ struct FileLimits {
     refusal_budget: FileBudget,
     max_signing_queue: usize,
     max_calls_in_flight: usize,
-    calls_processed_per_connection: usize,
 }
 
 /// A token bucket as written: `{ per_second, burst }`.
@@ -325,7 +324,7 @@ impl Default for FileLimits {
     fn default() -> Self {
         Self {
             max_request_bytes: 32 * 1024,
-            max_concurrent_streams: 128,
+            max_concurrent_streams: 16,
             handshake_timeout: "10s".into(),
             request_timeout: "30s".into(),
             max_connection_age: "30m".into(),
@@ -352,7 +351,6 @@ impl Default for FileLimits {
             },
             max_signing_queue: 4096,
             max_calls_in_flight: 10_000,
-            calls_processed_per_connection: 4,
         }
     }
 }
@@ -606,9 +604,6 @@ pub struct Limits {
     /// Calls in progress across all connections (from their headers to their
     /// answer); past it new calls get `RESOURCE_EXHAUSTED` at once.
     pub max_calls_in_flight: usize,
-    /// Calls of one connection processed at the same time (authentication,
-    /// checks, signing); its other calls wait their turn without running.
-    pub calls_processed_per_connection: usize,
 }
 
 /// A token bucket: `burst` at once, refilled at `per_second`.
@@ -1124,14 +1119,7 @@ impl FileConfig {
             refusal_budget: budget("limits.refusal_budget", l.refusal_budget)?,
             max_signing_queue: l.max_signing_queue,
             max_calls_in_flight: l.max_calls_in_flight,
-            calls_processed_per_connection: l.calls_processed_per_connection,
         };
-        if !(1..=1024).contains(&limits.calls_processed_per_connection) {
-            return Err(invalid(
-                "limits.calls_processed_per_connection",
-                "must be between 1 and 1024",
-            ));
-        }
         if !(1..=10_000_000).contains(&limits.max_calls_in_flight) {
             return Err(invalid(
                 "limits.max_calls_in_flight",
@@ -1700,10 +1688,6 @@ policy: { default_ttl: "24h", max_ttl: "2160h" }
             (
                 "limits: { handshake_threads: 65 }",
                 "limits.handshake_threads",
-            ),
-            (
-                "limits: { calls_processed_per_connection: 0 }",
-                "limits.calls_processed_per_connection",
             ),
             (
                 "rate_limits: { per_caller: { per_second: .nan, burst: 1 } }",

@@ -60,11 +60,11 @@ pub struct Metrics {
     /// `meshsign_connections_refused_total{reason}`: closed at accept by a limit.
     pub connections_refused: IntCounterVec,
     /// `meshsign_connections_closed_total{reason}`: GOAWAYs meshsign sent
-    /// (max_age, idle, stream_budget, reset_budget, shutdown) and connections
+    /// (max_age, idle, stream_budget, reset_budget, refusal_budget, shutdown) and connections
     /// closed when their grace ran out (forced).
     pub connections_closed: IntCounterVec,
     /// `meshsign_requests_refused_early_total{reason}`: calls refused before
-    /// the CA service read them (calls_in_flight, body_timeout, too_large, decode, stream_budget,
+    /// the CA service read them (calls_in_flight, body_timeout, too_large, decode,
     /// unimplemented, deadline).
     pub refused_early: IntCounterVec,
     /// `meshsign_requests_shed_total{reason}`: calls refused by a rate limit
@@ -178,14 +178,14 @@ impl Metrics {
         };
         let connections_closed = labelled(
             "meshsign_connections_closed_total",
-            "Connections sent a GOAWAY by meshsign, by reason (max_age, idle, stream_budget, \
+            "Connections sent a GOAWAY by meshsign, by reason (max_age, idle, stream_budget, refusal_budget, \
              reset_budget, shutdown), and connections closed because their grace ran out (forced).",
             "reason",
         )?;
         let refused_early = labelled(
             "meshsign_requests_refused_early_total",
             "Calls refused before the CA service read them, by reason (calls_in_flight, body_timeout, too_large, \
-             decode, stream_budget, unimplemented, deadline).",
+             decode, unimplemented, deadline).",
             "reason",
         )?;
         let shed = labelled(

@@ -251,7 +251,7 @@ async fn streams_reset_after_acceptance_spend_a_budget_then_the_connection_goes(
 }
 
 #[tokio::test]
-async fn a_connection_over_its_stream_budget_is_refused_and_sent_away() {
+async fn a_connection_over_its_stream_budget_is_sent_away_without_failing_a_call() {
     let ts = TestServer::dev(
         "limits: { stream_budget: { per_second: 0.01, burst: 3 } }\nrate_limits: { per_caller: { per_second: 0 } }\n",
     )
@@ -259,25 +259,25 @@ async fn a_connection_over_its_stream_budget_is_refused_and_sent_away() {
     let token = ts.token("default", "sleep");
     let wl = Workload::new("default", "sleep", WorkloadKeyType::EcdsaP256);
     let channel = meshsign::client::channel(&ts.endpoint()).await.unwrap();
+    // The call over the budget is still served; its connection is sent away.
+    for _ in 0..4 {
+        wl.send_on(&channel, Some(&token)).await.unwrap();
+    }
+    eventually(
+        "GOAWAY for the stream budget",
+        Duration::from_secs(5),
+        || async {
+            ts.metric("meshsign_connections_closed_total{reason=\"stream_budget\"}")
+                .await
+                == 1.0
+        },
+    )
+    .await;
+    // The client reconnects (a new connection, a new budget) and is served
+    // without an error.
     for _ in 0..3 {
         wl.send_on(&channel, Some(&token)).await.unwrap();
     }
-    assert_eq!(
-        wl.send_on(&channel, Some(&token)).await,
-        Err(Code::Unavailable)
-    );
-    assert_eq!(
-        ts.metric("meshsign_connections_closed_total{reason=\"stream_budget\"}")
-            .await,
-        1.0
-    );
-    // The client reconnects (a new connection, a new budget) and is served.
-    eventually(
-        "no reconnect after the GOAWAY",
-        Duration::from_secs(5),
-        || async { wl.send_on(&channel, Some(&token)).await.is_ok() },
-    )
-    .await;
 }
 
 #[tokio::test]
@@ -492,25 +492,4 @@ async fn a_connection_that_keeps_being_refused_is_sent_away() {
             .await,
         1.0
     );
-}
-
-#[tokio::test]
-async fn a_burst_on_one_connection_is_processed_a_few_calls_at_a_time() {
-    let ts = TestServer::dev("limits: { calls_processed_per_connection: 1 }\n").await;
-    let token = ts.token("default", "sleep");
-    let channel = meshsign::client::channel(&ts.endpoint()).await.unwrap();
-    // 32 calls at once on one connection: they take turns, one at a time,
-    // and every one is answered.
-    let calls: Vec<_> = (0..32)
-        .map(|_| {
-            let (channel, token) = (channel.clone(), token.clone());
-            tokio::spawn(async move {
-                let wl = Workload::new("default", "sleep", WorkloadKeyType::EcdsaP256);
-                wl.send_on(&channel, Some(&token)).await
-            })
-        })
-        .collect();
-    for c in calls {
-        c.await.unwrap().unwrap();
-    }
 }

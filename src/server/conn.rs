@@ -93,7 +93,6 @@ pub struct ConnSettings {
     pub refusal_budget: Budget,
     pub drain_timeout: Duration,
     pub max_calls_in_flight: usize,
-    pub calls_processed_per_connection: usize,
 }
 
 impl ConnSettings {
@@ -114,7 +113,6 @@ impl ConnSettings {
             refusal_budget: l.refusal_budget,
             drain_timeout: l.drain_timeout,
             max_calls_in_flight: l.max_calls_in_flight,
-            calls_processed_per_connection: l.calls_processed_per_connection,
         }
     }
 }
@@ -269,10 +267,7 @@ struct ConnState {
     resets: ConnBudget,
     /// Calls refused for the client's fault.
     refusals: ConnBudget,
-    /// Turns to be processed: a connection's burst of calls runs a few at a
-    /// time, so it cannot queue hundreds of tasks ahead of other
-    /// connections' calls on the workers.
-    turns: Arc<tokio::sync::Semaphore>,
+
     /// A budget ran out: the reason, and a wake-up for the connection task.
     abuse: AtomicU8,
     abuse_signal: Notify,
@@ -311,9 +306,7 @@ async fn serve_connection(conn: Conn, shared: Arc<Shared>, mut drain: watch::Rec
         streams: ConnBudget::new(settings.stream_budget, now),
         resets: ConnBudget::new(settings.reset_budget, now),
         refusals: ConnBudget::new(settings.refusal_budget, now),
-        turns: Arc::new(tokio::sync::Semaphore::new(
-            settings.calls_processed_per_connection,
-        )),
+
         abuse: AtomicU8::new(0),
         abuse_signal: Notify::new(),
     });
@@ -534,12 +527,10 @@ async fn handle(
     let (guard, in_flight) = StreamGuard::new(state, shared);
     let (settings, state) = (&guard.shared.settings, &guard.state);
     if !state.streams.take(started) {
+        // Over budget: the connection is sent away (a graceful GOAWAY, so
+        // streams racing it are still taken), but this call is served: a
+        // legitimate client that is merely busy never sees an error.
         state.flag(CloseReason::StreamBudget);
-        return refuse(
-            guard,
-            "stream_budget",
-            Status::unavailable("connection over its stream budget: reconnect"),
-        );
     }
     if over_calls_in_flight(in_flight, state, settings.max_calls_in_flight) {
         return refuse(
@@ -596,23 +587,6 @@ async fn handle(
     };
     let request = Request::from_parts(parts, body);
     let mut routes = guard.shared.routes.clone();
-    // Unary calls take a turn (streaming calls, which mostly wait, do not).
-    let turn = if unary {
-        let turns = guard.state.turns.clone();
-        match tokio::time::timeout_at(deadline, turns.acquire_owned()).await {
-            Ok(Ok(permit)) => Some(permit),
-            // Never closed; a call that waited past its deadline is answered so.
-            Ok(Err(_)) | Err(_) => {
-                return refuse(
-                    guard,
-                    "deadline",
-                    Status::deadline_exceeded("request timed out"),
-                );
-            }
-        }
-    } else {
-        None
-    };
     let response = match tokio::time::timeout_at(deadline, routes.call(request)).await {
         Ok(Ok(response)) => response,
         Ok(Err(never)) => match never {},
@@ -624,7 +598,6 @@ async fn handle(
             );
         }
     };
-    drop(turn);
     if let Some(code) = grpc_status(&response) {
         if !reached.as_ref().is_some_and(ReachedService::overloaded) {
             guard.refused(code);
