@@ -493,3 +493,37 @@ async fn a_connection_that_keeps_being_refused_is_sent_away() {
         1.0
     );
 }
+
+#[tokio::test]
+async fn an_oversized_message_is_refused_by_its_prefix_or_by_its_bytes() {
+    let ts = TestServer::dev("limits: { max_request_bytes: 8192 }\n").await;
+    let token = ts.token("default", "sleep");
+    let mut conn = RawConn::open(&ts).await;
+    // A prefix declaring 1 MiB: refused on the first bytes, the rest never sent.
+    let (response, mut body) = conn.open_stream(&token).await.unwrap();
+    let mut prefix = vec![0u8];
+    prefix.extend_from_slice(&(1u32 << 20).to_be_bytes());
+    body.send_data(Bytes::from(prefix), false).unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(5), response)
+        .await
+        .expect("answered without the body")
+        .unwrap();
+    assert_eq!(grpc_status(&response), Some(Code::ResourceExhausted));
+    // A prefix that lies (declares 10 bytes, sends 20 KiB): refused once the
+    // bytes pass the limit.
+    let (response, mut body) = conn.open_stream(&token).await.unwrap();
+    let mut data = vec![0u8];
+    data.extend_from_slice(&10u32.to_be_bytes());
+    data.extend(std::iter::repeat_n(0u8, 20 * 1024));
+    body.send_data(Bytes::from(data), true).unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(5), response)
+        .await
+        .expect("answered")
+        .unwrap();
+    assert_eq!(grpc_status(&response), Some(Code::ResourceExhausted));
+    assert_eq!(
+        ts.metric("meshsign_requests_refused_early_total{reason=\"too_large\"}")
+            .await,
+        2.0
+    );
+}

@@ -44,7 +44,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -163,6 +163,11 @@ pub async fn serve<I>(
                 next = incoming.next() => match next {
                     Some(Ok(conn)) => {
                         tokio::spawn(serve_connection(conn, shared.clone(), drain_rx.clone()));
+                        // One new connection per scheduler round: a burst of
+                        // them (a reconnect storm, an attacker's thousands)
+                        // enters behind the calls already queued, never as a
+                        // block of hundreds of tasks ahead of them.
+                        tokio::task::yield_now().await;
                     }
                     Some(Err(e)) => tracing::debug!(error = %e, "connection not accepted"),
                     None => break,
@@ -552,20 +557,26 @@ async fn handle(
     }
     let body = if unary {
         let body_by = (started + settings.body_timeout).min(deadline);
-        let limit = settings.max_request_bytes + GRPC_FRAME_HEADER;
-        let read = tokio::time::timeout_at(body_by, Limited::new(body, limit).collect()).await;
+        let read =
+            tokio::time::timeout_at(body_by, read_unary_body(body, settings.max_request_bytes))
+                .await;
         match read {
-            Ok(Ok(collected)) => tonic::body::Body::new(Full::new(collected.to_bytes())),
-            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            Ok(Ok(bytes)) => tonic::body::Body::new(Full::new(bytes)),
+            Ok(Err(BodyError::TooLarge { declared })) => {
+                let max = settings.max_request_bytes;
                 return refuse(
                     guard,
                     "too_large",
-                    Status::resource_exhausted(format!(
-                        "grpc: received message larger than max ({limit} bytes)"
-                    )),
+                    Status::resource_exhausted(match declared {
+                        // grpc-go's words, as istiod answers.
+                        Some(n) => {
+                            format!("grpc: received message larger than max ({n} vs. {max})")
+                        }
+                        None => format!("grpc: received message larger than max ({max} bytes)"),
+                    }),
                 );
             }
-            Ok(Err(_)) => {
+            Ok(Err(BodyError::Broken)) => {
                 // The client reset the stream (or the connection broke)
                 // before its body was in: an abandoned stream.
                 guard.abandoned();
@@ -613,6 +624,66 @@ async fn handle(
     }
     let deadline = (!unary).then(|| Box::pin(tokio::time::sleep_until(deadline)));
     stream_response(response, guard, deadline)
+}
+
+/// Why a unary call's body was not read.
+enum BodyError {
+    /// Over `max_request_bytes`: the length its gRPC message prefix
+    /// declares, when that was what told.
+    TooLarge { declared: Option<u64> },
+    /// The client reset the stream or the connection broke.
+    Broken,
+}
+
+/// Reads a unary call's body: at most `max_message` bytes of gRPC message
+/// plus its 5-byte prefix. A prefix declaring more is refused as soon as it
+/// arrives, without reading (and decrypting) the rest of the body.
+async fn read_unary_body(mut body: Incoming, max_message: usize) -> Result<Bytes, BodyError> {
+    let limit = max_message + GRPC_FRAME_HEADER;
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut len = 0usize;
+    let mut prefix_checked = false;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(|_| BodyError::Broken)?.into_data() else {
+            continue; // trailers
+        };
+        len += data.len();
+        chunks.push(data);
+        if len > limit {
+            return Err(BodyError::TooLarge { declared: None });
+        }
+        if !prefix_checked && len >= GRPC_FRAME_HEADER {
+            prefix_checked = true;
+            let mut prefix = [0u8; GRPC_FRAME_HEADER];
+            let mut at = 0;
+            for c in &chunks {
+                let n = (GRPC_FRAME_HEADER - at).min(c.len());
+                prefix[at..at + n].copy_from_slice(&c[..n]);
+                at += n;
+                if at == GRPC_FRAME_HEADER {
+                    break;
+                }
+            }
+            let declared = u64::from(u32::from_be_bytes([
+                prefix[1], prefix[2], prefix[3], prefix[4],
+            ]));
+            if declared > max_message as u64 {
+                return Err(BodyError::TooLarge {
+                    declared: Some(declared),
+                });
+            }
+        }
+    }
+    Ok(match chunks.len() {
+        1 => chunks.swap_remove(0),
+        _ => {
+            let mut all = bytes::BytesMut::with_capacity(len);
+            for c in chunks {
+                all.extend_from_slice(&c);
+            }
+            all.freeze()
+        }
+    })
 }
 
 /// A trailers-only error response's code (tonic puts a refusal's

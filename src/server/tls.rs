@@ -388,6 +388,9 @@ pub fn incoming(
                     continue;
                 }
             };
+            // One accept per scheduler round (see conn::serve): a burst of
+            // connects cannot hold the worker for a whole accept queue.
+            tokio::task::yield_now().await;
             let Ok(slot) = connections.clone().try_acquire_owned() else {
                 refused_connections.inc();
                 drop(tcp);
