@@ -621,7 +621,7 @@ impl Budget {
 }
 
 /// Per-identity and per-address request budgets (over one: `RESOURCE_EXHAUSTED`).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RateLimits {
     /// Requests per authenticated caller: its identity, and its pod when the
     /// credential names one (bound service-account tokens do).

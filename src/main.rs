@@ -421,8 +421,8 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     if let Some(listen) = args.listen {
         config.listen = listen;
     }
-    if let Some(dir) = args.state_dir {
-        config.state_dir = dir;
+    if let Some(dir) = &args.state_dir {
+        config.state_dir = dir.clone();
     }
     for warning in config.startup_warnings() {
         tracing::warn!("{warning}");
@@ -449,13 +449,46 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
              openssl verify -CAfile workload-certs/root-cert.pem -untrusted workload-certs/cert-chain.pem workload-certs/cert-chain.pem"
         );
     }
+    let reloads = reload_on_hangup(running.reloader(), args);
     tokio::select! {
         r = running.wait() => r,
         _ = shutdown_signal() => {
             tracing::info!("shutting down");
             running.shutdown().await
         }
+        _ = reloads => Ok(()),
     }
+}
+
+/// On every `SIGHUP`, reads the configuration file again (with the same
+/// command-line overrides) and applies it if it can be applied whole.
+async fn reload_on_hangup(reloader: std::sync::Arc<server::ConfigReloader>, args: ServeArgs) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+            return std::future::pending().await;
+        };
+        while hangups.recv().await.is_some() {
+            let Some(path) = &args.config else {
+                tracing::warn!("SIGHUP: serving without --config, there is no file to reload");
+                continue;
+            };
+            tracing::info!(file = %path.display(), "SIGHUP: reloading the configuration");
+            let next = Config::from_file(path).map(|mut c| {
+                if let Some(listen) = args.listen {
+                    c.listen = listen;
+                }
+                if let Some(dir) = &args.state_dir {
+                    c.state_dir = dir.clone();
+                }
+                c
+            });
+            // Logged and counted by the reloader.
+            let _ = reloader.reload(next).await;
+        }
+    }
+    std::future::pending().await
 }
 
 async fn shutdown_signal() {

@@ -41,8 +41,15 @@ impl Rule {
     }
 }
 
+/// Two rules are the same when written the same (their matchers are compiled from the text).
+impl PartialEq for Rule {
+    fn eq(&self, other: &Self) -> bool {
+        self.text == other.text
+    }
+}
+
 /// The validated policy.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
     pub trust_domain: String,
     pub trust_domain_aliases: Vec<String>,

@@ -9,6 +9,10 @@
 //! `meshsign_background_restarts_total{task}` and starts it again, after a
 //! pause that doubles from 1 s to 60 s while it keeps failing (and resets
 //! once it has run for a minute).
+//!
+//! A loop that belongs to something a configuration reload can remove (a
+//! JWT issuer's refresh) is started with [`spawn_until`]: it ends, quietly
+//! and for good, when its owner drops the [`Retire`] handle.
 
 use std::future::Future;
 use std::time::Duration;
@@ -34,6 +38,22 @@ where
     spawn_with_backoff(task, restarts, Duration::from_secs(1), make)
 }
 
+/// Ends a loop started with [`spawn_until`] when dropped.
+#[derive(Debug)]
+pub struct Retire(#[allow(dead_code)] tokio::sync::watch::Sender<()>);
+
+/// [`spawn`], until the returned [`Retire`] is dropped: then the loop is
+/// stopped (wherever it is waiting) and not restarted.
+pub fn spawn_until<F, Fut>(task: &'static str, restarts: prometheus::IntCounter, make: F) -> Retire
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::watch::channel(());
+    supervisor(task, restarts, Duration::from_secs(1), Some(rx), make);
+    Retire(tx)
+}
+
 /// [`spawn`] with the first pause chosen (tests).
 pub fn spawn_with_backoff<F, Fut>(
     task: &'static str,
@@ -45,11 +65,40 @@ where
     F: Fn() -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    supervisor(task, restarts, first_backoff, None, make)
+}
+
+fn supervisor<F, Fut>(
+    task: &'static str,
+    restarts: prometheus::IntCounter,
+    first_backoff: Duration,
+    mut retired: Option<tokio::sync::watch::Receiver<()>>,
+    make: F,
+) -> JoinHandle<()>
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     tokio::spawn(async move {
+        // Resolves once the owner dropped its `Retire` (never without one).
+        async fn retirement(retired: &mut Option<tokio::sync::watch::Receiver<()>>) {
+            match retired {
+                Some(rx) => while rx.changed().await.is_ok() {},
+                None => std::future::pending().await,
+            }
+        }
         let mut backoff = first_backoff;
         loop {
             let started = tokio::time::Instant::now();
-            match tokio::spawn(make()).await {
+            let mut run = tokio::spawn(make());
+            let ended = tokio::select! {
+                ended = &mut run => ended,
+                _ = retirement(&mut retired) => {
+                    run.abort();
+                    return;
+                }
+            };
+            match ended {
                 Ok(()) => tracing::error!(task, "background task returned; restarting it"),
                 Err(e) if e.is_panic() => {
                     let panic = e.into_panic();
@@ -67,7 +116,10 @@ where
             if started.elapsed() >= HEALTHY_RUN {
                 backoff = first_backoff;
             }
-            tokio::time::sleep(backoff).await;
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = retirement(&mut retired) => return,
+            }
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     })
@@ -110,5 +162,34 @@ mod tests {
         assert_eq!(runs.load(Ordering::SeqCst), 3);
         assert_eq!(restarts.get(), 2);
         handle.abort();
+    }
+
+    #[tokio::test]
+    async fn a_retired_loop_is_stopped_and_not_restarted() {
+        // The loop holds this; it is dropped when the loop's task ends.
+        let alive = Arc::new(());
+        let restarts = prometheus::IntCounter::new("r", "r").unwrap();
+        let held = alive.clone();
+        let retire = spawn_until("test", restarts.clone(), move || {
+            let held = held.clone();
+            async move {
+                let _held = held;
+                std::future::pending::<()>().await
+            }
+        });
+        // Running: the closure's copy and the task's copy.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(Arc::strong_count(&alive), 3);
+        drop(retire);
+        let stopped = async {
+            // The task's copy and then the closure's (the supervisor ends).
+            while Arc::strong_count(&alive) > 1 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), stopped)
+            .await
+            .expect("the retired loop and its supervisor end");
+        assert_eq!(restarts.get(), 0, "retiring is not a restart");
     }
 }

@@ -547,29 +547,13 @@ impl AuditFile for FlakyFile {
 
 /// A dev server whose audit files go through `storage`.
 async fn with_storage(extra_yaml: &str, storage: Arc<dyn AuditStorage>) -> TestServer {
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let issuer = DevTokenIssuer::load_or_create(&state).unwrap();
-    let yaml = format!(
-        "listen: \"127.0.0.1:0\"\nmonitoring: {{ listen: \"127.0.0.1:0\" }}\nstate_dir: {:?}\n{extra_yaml}",
-        state.display().to_string()
-    );
-    let config = Config::from_yaml(&yaml).unwrap();
-    let server = server::start_with(
-        &config,
+    TestServer::dev_with_options(
+        extra_yaml,
         StartOptions {
             audit_storage: Some(storage),
         },
     )
     .await
-    .unwrap();
-    let roots = meshsign::pki::parse_certificates_nonempty(server.roots_pem.as_bytes()).unwrap();
-    TestServer {
-        server,
-        dir,
-        issuer,
-        roots,
-    }
 }
 
 #[tokio::test]

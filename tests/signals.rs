@@ -146,3 +146,81 @@ async fn sigterm_under_load_answers_calls_in_flight_and_exits_zero() {
     let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
     assert!(log.contains("shutting down"), "{log}");
 }
+
+/// One renewal for `ns`, on a new connection.
+async fn renew(ep: &CaEndpoint, issuer: &DevTokenIssuer, ns: &str) -> tonic::Code {
+    let wl = Workload::new(ns, "web", WorkloadKeyType::EcdsaP256);
+    let token = issuer.mint(&TokenRequest::new(ns, "web")).unwrap();
+    match wl.obtain(ep, Some(&token), 3600).await {
+        Ok(_) => tonic::Code::Ok,
+        Err((code, _)) => code,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_file_and_a_bad_file_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, port) = start(dir.path(), "");
+    let issuer = DevTokenIssuer::load_or_create(&dir.path().join("state")).unwrap();
+    let roots = meshsign::pki::parse_certificates_nonempty(
+        std::fs::read_to_string(dir.path().join("state/root-cert.pem"))
+            .unwrap()
+            .as_bytes(),
+    )
+    .unwrap();
+    let ep = CaEndpoint {
+        addr: format!("localhost:{port}"),
+        server_name: None,
+        roots,
+        client_identity: None,
+    };
+    let config = dir.path().join("meshsign.yaml");
+    let original = std::fs::read_to_string(&config).unwrap();
+    let hangup = |child: &Child| {
+        // SAFETY: sending a signal to our own child process.
+        assert_eq!(
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGHUP) },
+            0
+        );
+    };
+    assert_eq!(renew(&ep, &issuer, "blocked").await, tonic::Code::Ok);
+
+    std::fs::write(
+        &config,
+        format!(
+            "{original}policy: {{ deny: [ {{ namespace: blocked, service_account: \"*\" }} ] }}\n"
+        ),
+    )
+    .unwrap();
+    hangup(&child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while renew(&ep, &issuer, "blocked").await != tonic::Code::PermissionDenied {
+        assert!(
+            Instant::now() < deadline,
+            "the reloaded policy was not applied"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(renew(&ep, &issuer, "open").await, tonic::Code::Ok);
+
+    // A file that does not parse: the server keeps serving under the last good one.
+    std::fs::write(&config, "policy: { deny: [\n").unwrap();
+    hangup(&child);
+    let log = dir.path().join("server.log");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&log)
+        .unwrap()
+        .contains("configuration not reloaded")
+    {
+        assert!(Instant::now() < deadline, "the bad file was not reported");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(child.try_wait().unwrap().is_none(), "the server exited");
+    assert_eq!(
+        renew(&ep, &issuer, "blocked").await,
+        tonic::Code::PermissionDenied
+    );
+    assert_eq!(renew(&ep, &issuer, "open").await, tonic::Code::Ok);
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -434,7 +434,7 @@ fn truncate(s: &str) -> String {
 }
 
 /// All configured issuers.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct JwtAuthenticator {
     issuers: Vec<Arc<JwtIssuer>>,
     trust_domain: String,

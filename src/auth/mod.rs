@@ -114,7 +114,7 @@ impl fmt::Display for AuthError {
 impl std::error::Error for AuthError {}
 
 /// Where bearer tokens are checked.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum TokenAuth {
     /// Every configured issuer, `clusterid` ignored.
     Issuers(JwtAuthenticator),
@@ -123,7 +123,7 @@ enum TokenAuth {
 }
 
 /// The configured authenticators.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Authenticator {
     client_certificates: bool,
     trust_domains: Vec<String>,

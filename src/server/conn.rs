@@ -74,7 +74,7 @@ const GRPC_FRAME_HEADER: usize = 5;
 const ABUSE_GRACE: Duration = Duration::from_secs(1);
 
 /// Per-connection and per-stream bounds, from [`Limits`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ConnSettings {
     pub max_concurrent_streams: u32,
     pub max_header_list_bytes: u32,
@@ -127,30 +127,24 @@ pub struct ConnObservers {
 
 /// Serves every connection `incoming` yields until `shutdown` resolves, then
 /// drains: GOAWAY to all, in-flight calls get `drain_timeout`, and returns
-/// once every connection is closed.
+/// once every connection is closed. Each new connection takes the
+/// `settings` current when it is accepted (a reload may change them).
 pub async fn serve<I>(
     incoming: I,
     routes: Routes,
-    settings: ConnSettings,
+    mut settings: watch::Receiver<ConnSettings>,
     observers: ConnObservers,
     shutdown: impl Future<Output = ()>,
 ) where
     I: futures_util::Stream<Item = io::Result<Conn>>,
 {
-    let mut http = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    http.timer(TokioTimer::new())
-        .max_concurrent_streams(settings.max_concurrent_streams)
-        .max_header_list_size(settings.max_header_list_bytes)
-        .keep_alive_interval(settings.keepalive_interval)
-        .keep_alive_timeout(settings.keepalive_timeout)
-        .auto_date_header(false);
-    let shared = Arc::new(Shared {
-        http,
+    let calls_in_flight = Arc::new(AtomicUsize::new(0));
+    let mut shared = Shared::new(
+        settings.borrow_and_update().clone(),
         routes,
-        settings,
         observers,
-        calls_in_flight: AtomicUsize::new(0),
-    });
+        calls_in_flight,
+    );
     let (drain_tx, drain_rx) = watch::channel(false);
     {
         // Dropping `incoming` at the end of this scope stops the accept loop
@@ -162,6 +156,18 @@ pub async fn serve<I>(
                 _ = &mut shutdown => break,
                 next = incoming.next() => match next {
                     Some(Ok(conn)) => {
+                        // A configuration reload changed the limits: they
+                        // apply to connections from now on (a connection
+                        // keeps those it started with, at most until its
+                        // maximum age).
+                        if settings.has_changed().unwrap_or(false) {
+                            shared = Shared::new(
+                                settings.borrow_and_update().clone(),
+                                shared.routes.clone(),
+                                shared.observers.clone(),
+                                shared.calls_in_flight.clone(),
+                            );
+                        }
                         tokio::spawn(serve_connection(conn, shared.clone(), drain_rx.clone()));
                         // One new connection per scheduler round: a burst of
                         // them (a reconnect storm, an attacker's thousands)
@@ -186,8 +192,33 @@ struct Shared {
     routes: Routes,
     settings: ConnSettings,
     observers: ConnObservers,
-    /// Calls in progress on every connection (`max_calls_in_flight`).
-    calls_in_flight: AtomicUsize,
+    /// Calls in progress on every connection (`max_calls_in_flight`),
+    /// across changes of settings.
+    calls_in_flight: Arc<AtomicUsize>,
+}
+
+impl Shared {
+    fn new(
+        settings: ConnSettings,
+        routes: Routes,
+        observers: ConnObservers,
+        calls_in_flight: Arc<AtomicUsize>,
+    ) -> Arc<Self> {
+        let mut http = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        http.timer(TokioTimer::new())
+            .max_concurrent_streams(settings.max_concurrent_streams)
+            .max_header_list_size(settings.max_header_list_bytes)
+            .keep_alive_interval(settings.keepalive_interval)
+            .keep_alive_timeout(settings.keepalive_timeout)
+            .auto_date_header(false);
+        Arc::new(Self {
+            http,
+            routes,
+            settings,
+            observers,
+            calls_in_flight,
+        })
+    }
 }
 
 /// Why meshsign ended a connection.

@@ -10,6 +10,7 @@
 //! keys and health.
 
 mod coalesce;
+pub mod config_reload;
 pub mod conn;
 mod health;
 mod issuers;
@@ -19,7 +20,6 @@ pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use time::OffsetDateTime;
@@ -36,6 +36,7 @@ use crate::k8s::TokenCheck;
 use crate::proto::istio_certificate_service_server::IstioCertificateServiceServer;
 use crate::supervise;
 
+pub use config_reload::{ConfigReloadError, ConfigReloader};
 pub use service::CertificateService;
 pub use tls::{PeerInfo, ServingCertificate};
 
@@ -88,6 +89,7 @@ pub struct RunningServer {
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
     audit: Option<Arc<crate::audit::AuditLog>>,
+    reloader: Arc<ConfigReloader>,
 }
 
 impl RunningServer {
@@ -102,6 +104,19 @@ impl RunningServer {
             audit.close().await;
         }
         result
+    }
+
+    /// Applies a configuration read again (see [`config_reload`]).
+    pub async fn reload(
+        &self,
+        next: Result<Config, crate::config::ConfigError>,
+    ) -> Result<config_reload::Changed, ConfigReloadError> {
+        self.reloader.reload(next).await
+    }
+
+    /// What [`Self::reload`] uses, for a signal handler to hold.
+    pub fn reloader(&self) -> Arc<ConfigReloader> {
+        self.reloader.clone()
     }
 
     /// The audit trail, when configured.
@@ -185,7 +200,8 @@ pub async fn start_with(
         }
     }
 
-    let issuers = issuers::jwt_issuers(config).await?;
+    let issuer_set = issuers::IssuerSet::build(config, &Default::default(), &metrics).await?;
+    let issuers = issuer_set.issuers();
     let mut trust_domains = vec![config.policy.trust_domain.clone()];
     trust_domains.extend(config.policy.trust_domain_aliases.iter().cloned());
     let mut authenticator = Authenticator::new(
@@ -197,6 +213,7 @@ pub async fn start_with(
     // Readiness waits for every pod watch's first list, as istiod waits for
     // its informers: a replica that cannot answer ztunnel yet takes no traffic.
     let mut pod_caches = Vec::new();
+    let mut kube_clusters = None;
     if let Some(k) = &config.kubernetes {
         let clusters = crate::k8s::build(
             k,
@@ -243,20 +260,9 @@ pub async fn start_with(
             .filter_map(|c| c.pods.clone().map(|p| (c.id.clone(), p)))
             .collect();
         node_authorizer = NodeAuthorizer::new(k.trusted_node_accounts.iter().cloned());
-        authenticator = authenticator.with_clusters(Arc::new(clusters));
-    }
-    for issuer in issuers {
-        let refresh = config
-            .authn
-            .jwt
-            .iter()
-            .find(|j| j.issuer == issuer.issuer)
-            .map_or(Duration::from_secs(300), |j| j.refresh);
-        supervise::spawn(
-            "jwks-refresh",
-            metrics.restarts("jwks-refresh"),
-            move || issuers::refresh_jwks(issuer.clone(), refresh),
-        );
+        let clusters = Arc::new(clusters);
+        authenticator = authenticator.with_clusters(clusters.clone());
+        kube_clusters = Some(clusters);
     }
 
     let tls = match &config.server_tls {
@@ -373,6 +379,7 @@ pub async fn start_with(
         .with_audit(audit.clone()),
     );
     let refusal_log = service.refusal_log();
+    let service_handle = service.clone();
     let ca_service = IstioCertificateServiceServer::new(service)
         .max_decoding_message_size(config.limits.max_request_bytes);
 
@@ -448,10 +455,20 @@ pub async fn start_with(
         .add_service(reflection_v1alpha)
         .prepare();
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
+    let (conn_settings, conn_settings_rx) =
+        tokio::sync::watch::channel(conn::ConnSettings::from_limits(&config.limits));
+    let reloader = Arc::new(ConfigReloader::new(
+        config.clone(),
+        issuer_set,
+        service_handle,
+        conn_settings,
+        kube_clusters,
+        metrics.clone(),
+    ));
     let task = tokio::spawn(conn::serve(
         incoming,
         routes,
-        conn::ConnSettings::from_limits(&config.limits),
+        conn_settings_rx,
         conn::ConnObservers {
             metrics: metrics.clone(),
             refusal_log,
@@ -474,6 +491,7 @@ pub async fn start_with(
         shutdown: Some(shutdown_tx),
         task,
         audit,
+        reloader,
     })
 }
 

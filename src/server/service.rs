@@ -35,19 +35,28 @@ const CLUSTER_ID: &str = "clusterid";
 /// Longest Common Name X.509 allows; istiod omits a longer dual-use CN.
 const MAX_CN_LEN: usize = 64;
 
+/// What a request is judged by: who may authenticate how, what may be
+/// asked for, and how often. A configuration reload (`SIGHUP`) swaps it
+/// whole; each request reads it once, so a request is judged by one
+/// version from start to end.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    pub authenticator: Authenticator,
+    /// Trusted node accounts (ztunnel); `None`: impersonation is refused.
+    pub node_authorizer: Option<NodeAuthorizer>,
+    pub policy: Policy,
+    pub key_policy: KeyPolicy,
+    /// Per-caller, per-node-agent and failed-authentication budgets.
+    pub limiter: Arc<RateLimiter>,
+}
+
 /// Everything a request needs, shared by all connections.
 #[derive(Debug)]
 pub struct CertificateService {
     ca: Arc<ArcSwap<Ca>>,
-    authenticator: Authenticator,
-    /// Trusted node accounts (ztunnel); `None`: impersonation is refused.
-    node_authorizer: Option<NodeAuthorizer>,
-    policy: Policy,
-    key_policy: KeyPolicy,
+    rules: ArcSwap<Rules>,
     /// Signer threads for slow (RSA) keys, one per core, off the reactor.
     signers: SigningPool,
-    /// Per-caller, per-node-agent and failed-authentication budgets.
-    limiter: RateLimiter,
     allow_plaintext: bool,
     metrics: Arc<Metrics>,
     /// Refusals are caused by strangers: their log lines have a budget
@@ -74,12 +83,14 @@ impl CertificateService {
     ) -> std::io::Result<Self> {
         Ok(Self {
             ca,
-            authenticator,
-            node_authorizer: None,
-            policy,
-            key_policy,
+            rules: ArcSwap::from_pointee(Rules {
+                authenticator,
+                node_authorizer: None,
+                policy,
+                key_policy,
+                limiter: Arc::new(RateLimiter::disabled()),
+            }),
             signers: SigningPool::new(signer_threads(), DEFAULT_SIGNING_QUEUE)?,
-            limiter: RateLimiter::disabled(),
             allow_plaintext,
             metrics,
             refusal_log: Arc::new(LineBudget::new(REFUSAL_LOG_PER_SECOND)),
@@ -100,8 +111,26 @@ impl CertificateService {
         rate_limits: &crate::config::RateLimits,
     ) -> std::io::Result<Self> {
         self.signers = SigningPool::new(signer_threads(), max_signing_queue)?;
-        self.limiter = RateLimiter::new(rate_limits);
+        let limiter = Arc::new(RateLimiter::new(rate_limits));
+        self.update_rules(|r| r.limiter = limiter);
         Ok(self)
+    }
+
+    /// The rules requests are judged by now.
+    pub fn rules(&self) -> Arc<Rules> {
+        self.rules.load_full()
+    }
+
+    /// Judges every request that starts from now on by `rules` (requests
+    /// in progress finish under the rules they started with).
+    pub fn set_rules(&self, rules: Rules) {
+        self.rules.store(Arc::new(rules));
+    }
+
+    fn update_rules(&mut self, change: impl FnOnce(&mut Rules)) {
+        let mut rules = Rules::clone(&self.rules.load());
+        change(&mut rules);
+        self.set_rules(rules);
     }
 
     /// The refusal-log budget, for the connection layer to share.
@@ -111,7 +140,7 @@ impl CertificateService {
 
     /// Lets the trusted node accounts impersonate pods on their node.
     pub fn with_node_authorizer(mut self, authorizer: NodeAuthorizer) -> Self {
-        self.node_authorizer = (!authorizer.is_empty()).then_some(authorizer);
+        self.update_rules(|r| r.node_authorizer = (!authorizer.is_empty()).then_some(authorizer));
         self
     }
 
@@ -142,13 +171,14 @@ impl CertificateService {
         if !peer.is_some_and(|p| p.tls) && !self.allow_plaintext {
             return Err(RequestError::PlaintextRefused);
         }
+        let rules = self.rules.load_full();
         let now_ms = ratelimit::now_ms();
         // An address that keeps failing to authenticate waits before any
         // token of its is checked again; a verified client certificate has
         // already proved itself at the handshake.
         if let Some(ip) = peer.and_then(|p| p.remote).map(|a| a.ip()) {
             let has_certificate = peer.is_some_and(|p| p.client_chain.is_some());
-            if !has_certificate && !self.limiter.address_may_try(ip, now_ms) {
+            if !has_certificate && !rules.limiter.address_may_try(ip, now_ms) {
                 return Err(RequestError::RateLimited(Spent::FailedAuthentications));
             }
         }
@@ -161,96 +191,18 @@ impl CertificateService {
             roots: ca.as_deref().map(Ca::trusted_roots),
             cluster_id: cluster_id(metadata),
         };
-        let caller = match self.authenticator.authenticate(creds).await {
+        let caller = match rules.authenticator.authenticate(creds).await {
             Ok(caller) => caller,
             Err(e) if e.unavailable => return Err(RequestError::AuthUnavailable(e)),
             Err(e) => return Err(RequestError::Unauthenticated(e)),
         };
-        match self.authorize_caller(&caller, client_chain, request, now_ms, refusal) {
+        match authorize_caller(&rules, &caller, client_chain, request, now_ms, refusal) {
             Ok((impersonated, job)) => Ok((caller, impersonated, job)),
             Err(e) => {
                 refusal.caller = Some(caller);
                 Err(e)
             }
         }
-    }
-
-    /// [`Self::authorize`] once the caller is known.
-    fn authorize_caller(
-        &self,
-        caller: &CallerIdentity,
-        client_chain: Option<&crate::auth::ClientChain>,
-        request: &IstioCertificateRequest,
-        now_ms: u64,
-        refusal: &mut RefusalFacts,
-    ) -> Result<(Option<SpiffeId>, SigningJob), RequestError> {
-        let requested = impersonated_identity(request);
-        let instance = match caller.source {
-            crate::auth::AuthSource::ClientCertificate => client_chain.map(|c| c.leaf().as_ref()),
-            _ => None,
-        };
-        self.limiter
-            .admit(caller, instance, requested.is_some(), now_ms)
-            .map_err(RequestError::RateLimited)?;
-
-        // The identity the leaf is for: the caller's own, or (ztunnel) the
-        // pod identity it impersonates. Either way the CSR must ask for
-        // exactly it, and the policy rules apply to it.
-        let impersonated = match requested {
-            None => None,
-            Some(requested) => Some(self.authorize_impersonation(caller, requested)?),
-        };
-        let subject = impersonated.as_ref().unwrap_or(&caller.id);
-
-        let csr = csr::validate(&request.csr, &self.key_policy)?;
-        self.policy
-            .authorize(subject, &csr.identity)
-            .inspect_err(|_| refusal.requested = Some(csr.identity.to_string()))?;
-        let now = OffsetDateTime::now_utc();
-        let (not_before, not_after) = self.policy.validity(request.validity_duration, now)?;
-        let uri = csr.identity.to_string();
-        let common_name = (csr.wants_common_name && uri.len() <= MAX_CN_LEN).then(|| uri.clone());
-        Ok((
-            impersonated,
-            SigningJob {
-                spki_der: csr.spki_der,
-                common_name,
-                sans: [SanEntry::Uri(uri)],
-                not_before,
-                not_after,
-            },
-        ))
-    }
-
-    /// Node authorization for an `ImpersonatedIdentity` request.
-    fn authorize_impersonation(
-        &self,
-        caller: &CallerIdentity,
-        requested: &str,
-    ) -> Result<SpiffeId, RequestError> {
-        let Some(authorizer) = &self.node_authorizer else {
-            let shown: String = requested.chars().take(120).collect();
-            return Err(RequestError::Impersonation(NodeAuthError::NotConfigured {
-                caller: caller.id.to_string(),
-                requested: shown,
-            }));
-        };
-        let cluster = caller.cluster.as_deref();
-        authorizer
-            .authorize(
-                caller,
-                cluster.map_or("", |c| c.id.as_str()),
-                cluster.and_then(|c| c.pods.as_deref()),
-                requested,
-                &self.policy.trust_domain,
-            )
-            .map_err(|e| {
-                if e.is_transient() {
-                    RequestError::ImpersonationUnavailable(e)
-                } else {
-                    RequestError::Impersonation(e)
-                }
-            })
     }
 
     /// Signs an authorized job and builds the response elements. RSA
@@ -367,6 +319,86 @@ impl CertificateService {
             caller.is_none(),
         );
     }
+}
+
+/// [`CertificateService::authorize`] once the caller is known.
+fn authorize_caller(
+    rules: &Rules,
+    caller: &CallerIdentity,
+    client_chain: Option<&crate::auth::ClientChain>,
+    request: &IstioCertificateRequest,
+    now_ms: u64,
+    refusal: &mut RefusalFacts,
+) -> Result<(Option<SpiffeId>, SigningJob), RequestError> {
+    let requested = impersonated_identity(request);
+    let instance = match caller.source {
+        crate::auth::AuthSource::ClientCertificate => client_chain.map(|c| c.leaf().as_ref()),
+        _ => None,
+    };
+    rules
+        .limiter
+        .admit(caller, instance, requested.is_some(), now_ms)
+        .map_err(RequestError::RateLimited)?;
+
+    // The identity the leaf is for: the caller's own, or (ztunnel) the
+    // pod identity it impersonates. Either way the CSR must ask for
+    // exactly it, and the policy rules apply to it.
+    let impersonated = match requested {
+        None => None,
+        Some(requested) => Some(authorize_impersonation(rules, caller, requested)?),
+    };
+    let subject = impersonated.as_ref().unwrap_or(&caller.id);
+
+    let csr = csr::validate(&request.csr, &rules.key_policy)?;
+    rules
+        .policy
+        .authorize(subject, &csr.identity)
+        .inspect_err(|_| refusal.requested = Some(csr.identity.to_string()))?;
+    let now = OffsetDateTime::now_utc();
+    let (not_before, not_after) = rules.policy.validity(request.validity_duration, now)?;
+    let uri = csr.identity.to_string();
+    let common_name = (csr.wants_common_name && uri.len() <= MAX_CN_LEN).then(|| uri.clone());
+    Ok((
+        impersonated,
+        SigningJob {
+            spki_der: csr.spki_der,
+            common_name,
+            sans: [SanEntry::Uri(uri)],
+            not_before,
+            not_after,
+        },
+    ))
+}
+
+/// Node authorization for an `ImpersonatedIdentity` request.
+fn authorize_impersonation(
+    rules: &Rules,
+    caller: &CallerIdentity,
+    requested: &str,
+) -> Result<SpiffeId, RequestError> {
+    let Some(authorizer) = &rules.node_authorizer else {
+        let shown: String = requested.chars().take(120).collect();
+        return Err(RequestError::Impersonation(NodeAuthError::NotConfigured {
+            caller: caller.id.to_string(),
+            requested: shown,
+        }));
+    };
+    let cluster = caller.cluster.as_deref();
+    authorizer
+        .authorize(
+            caller,
+            cluster.map_or("", |c| c.id.as_str()),
+            cluster.and_then(|c| c.pods.as_deref()),
+            requested,
+            &rules.policy.trust_domain,
+        )
+        .map_err(|e| {
+            if e.is_transient() {
+                RequestError::ImpersonationUnavailable(e)
+            } else {
+                RequestError::Impersonation(e)
+            }
+        })
 }
 
 /// What is known of a refused request, for its audit record.
@@ -492,7 +524,9 @@ impl IstioCertificateService for Arc<CertificateService> {
                 if e.is_authentication_failure() {
                     self.metrics.authn_failures.inc();
                     if let Some(addr) = remote {
-                        self.limiter
+                        self.rules
+                            .load()
+                            .limiter
                             .failed_authentication(addr.ip(), ratelimit::now_ms());
                     }
                 }

@@ -46,6 +46,10 @@ pub struct TestServer {
     pub dir: tempfile::TempDir,
     pub issuer: DevTokenIssuer,
     pub roots: Vec<CertificateDer<'static>>,
+    /// The configuration without the test's extra YAML, and whether it is
+    /// a plug-in CA's (for [`TestServer::reload_with`]).
+    base_yaml: String,
+    plugin_ca: bool,
 }
 
 impl TestServer {
@@ -77,10 +81,24 @@ impl TestServer {
         Self::start_with(ca_dir, extra_yaml, None).await
     }
 
+    /// Dev mode with `extra_yaml`, started with `options`.
+    pub async fn dev_with_options(extra_yaml: &str, options: server::StartOptions) -> TestServer {
+        Self::start_full(None, extra_yaml, None, options).await
+    }
+
     async fn start_with(
         ca_dir: Option<&Path>,
         extra_yaml: &str,
         reload: Option<&str>,
+    ) -> TestServer {
+        Self::start_full(ca_dir, extra_yaml, reload, server::StartOptions::default()).await
+    }
+
+    async fn start_full(
+        ca_dir: Option<&Path>,
+        extra_yaml: &str,
+        reload: Option<&str>,
+        options: server::StartOptions,
     ) -> TestServer {
         let dir = tempfile::tempdir().expect("tempdir");
         let state = dir.path().join("state");
@@ -103,22 +121,31 @@ impl TestServer {
                 ));
             }
         }
-        if ca_dir.is_some() && !extra_yaml.contains("rate_limits") {
-            // Test workloads ask again and again with one token that names no
-            // pod, which a real pod would not: the plug-in CA's per-caller
-            // budget is off here, and tests/limits.rs tests it.
-            yaml.push_str("rate_limits: { per_caller: { per_second: 0 } }\n");
-        }
-        yaml.push_str(extra_yaml);
+        let base_yaml = yaml;
+        let yaml = compose(&base_yaml, ca_dir.is_some(), extra_yaml);
         let config = Config::from_yaml(&yaml).unwrap_or_else(|e| panic!("config {yaml}: {e}"));
-        let server = server::start(&config).await.expect("server starts");
+        let server = server::start_with(&config, options)
+            .await
+            .expect("server starts");
         let roots = pki::parse_certificates_nonempty(server.roots_pem.as_bytes()).expect("roots");
         TestServer {
             server,
             dir,
             issuer,
             roots,
+            base_yaml,
+            plugin_ca: ca_dir.is_some(),
         }
+    }
+
+    /// Reloads the server's configuration with `extra_yaml` in place of the
+    /// extra YAML it started with (what `SIGHUP` does with the file).
+    pub async fn reload_with(
+        &self,
+        extra_yaml: &str,
+    ) -> Result<Vec<&'static str>, server::ConfigReloadError> {
+        let yaml = compose(&self.base_yaml, self.plugin_ca, extra_yaml);
+        self.server.reload(Config::from_yaml(&yaml)).await
     }
 
     pub fn addr(&self) -> String {
@@ -169,6 +196,19 @@ impl TestServer {
     }
 }
 
+/// A test server's configuration: `base` plus `extra_yaml`.
+fn compose(base: &str, plugin_ca: bool, extra_yaml: &str) -> String {
+    let mut yaml = base.to_owned();
+    if plugin_ca && !extra_yaml.contains("rate_limits") {
+        // Test workloads ask again and again with one token that names no
+        // pod, which a real pod would not: the plug-in CA's per-caller
+        // budget is off here, and tests/limits.rs tests it.
+        yaml.push_str("rate_limits: { per_caller: { per_second: 0 } }\n");
+    }
+    yaml.push_str(extra_yaml);
+    yaml
+}
+
 /// Polls `check` every 100 ms until it is true; panics with `what` after `within`.
 pub async fn eventually<F, Fut>(what: &str, within: std::time::Duration, mut check: F)
 where
@@ -177,6 +217,26 @@ where
 {
     let deadline = std::time::Instant::now() + within;
     while !check().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within {within:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// Polls `check` every 100 ms until it returns `Some`, and returns that;
+/// panics with `what` after `within`.
+pub async fn eventually_some<T, F, Fut>(what: &str, within: std::time::Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
         assert!(
             std::time::Instant::now() < deadline,
             "{what}: not within {within:?}"
