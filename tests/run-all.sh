@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # meshsign's test command (the one the README gives and CI runs):
 #   formatting and lints, unit and integration tests (real servers on loopback,
-#   and a real kube-apiserver + etcd for the Kubernetes features),
+#   and a real kube-apiserver + etcd for the Kubernetes features), the Helm
+#   chart, Istio values and Dockerfile checks (tests/helm/check.sh),
 #   the README quick-start, then interop with Istio's own client code and grpcurl,
 #   a short coverage-guided fuzzing pass, the benchmark smoke and the abuse
 #   suite's smoke run.
@@ -20,6 +21,8 @@ tests/kube/apiserver.sh build
 export MESHSIGN_REQUIRE_KUBE=1
 step "cargo test"
 cargo test
+step "Helm chart, Istio values and Dockerfile: lint, helm template, server-side dry run and a meshsign run with the chart's config and RBAC against kube-apiserver (helm and BuildKit's linter built once from the Go module proxy, cached)"
+tests/helm/check.sh
 step "fuzz smoke: AFL++ via cargo-afl, 20 s per target (cargo-afl, AFL++ and the instrumented build cached in ~/.cache/meshsign-test; fuzz/README.md)"
 (cd fuzz && cargo fmt --check)
 CARGO_TARGET_DIR="$HOME/.cache/meshsign-test/fuzz-target" fuzz/run --time 20s

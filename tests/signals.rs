@@ -47,6 +47,22 @@ fn start(dir: &std::path::Path, extra_yaml: &str) -> (Child, u16) {
     (child, port)
 }
 
+/// How clients reach the dev-mode server of `dir` on `port`.
+fn endpoint(dir: &std::path::Path, port: u16) -> CaEndpoint {
+    let roots = meshsign::pki::parse_certificates_nonempty(
+        std::fs::read_to_string(dir.join("state/root-cert.pem"))
+            .unwrap()
+            .as_bytes(),
+    )
+    .unwrap();
+    CaEndpoint {
+        addr: format!("localhost:{port}"),
+        server_name: None,
+        roots,
+        client_identity: None,
+    }
+}
+
 fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
     let deadline = Instant::now() + within;
     loop {
@@ -67,18 +83,7 @@ async fn sigterm_under_load_answers_calls_in_flight_and_exits_zero() {
     let (mut child, port) = start(dir.path(), "limits: { drain_timeout: 5s }\n");
     let issuer = DevTokenIssuer::load_or_create(&dir.path().join("state")).unwrap();
     let token = issuer.mint(&TokenRequest::new("default", "web")).unwrap();
-    let roots = meshsign::pki::parse_certificates_nonempty(
-        std::fs::read_to_string(dir.path().join("state/root-cert.pem"))
-            .unwrap()
-            .as_bytes(),
-    )
-    .unwrap();
-    let ep = CaEndpoint {
-        addr: format!("localhost:{port}"),
-        server_name: None,
-        roots,
-        client_identity: None,
-    };
+    let ep = endpoint(dir.path(), port);
 
     let stop = Arc::new(AtomicBool::new(false));
     let ok = Arc::new(AtomicU64::new(0));
@@ -162,18 +167,7 @@ async fn sighup_reloads_the_file_and_a_bad_file_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let (mut child, port) = start(dir.path(), "");
     let issuer = DevTokenIssuer::load_or_create(&dir.path().join("state")).unwrap();
-    let roots = meshsign::pki::parse_certificates_nonempty(
-        std::fs::read_to_string(dir.path().join("state/root-cert.pem"))
-            .unwrap()
-            .as_bytes(),
-    )
-    .unwrap();
-    let ep = CaEndpoint {
-        addr: format!("localhost:{port}"),
-        server_name: None,
-        roots,
-        client_identity: None,
-    };
+    let ep = endpoint(dir.path(), port);
     let config = dir.path().join("meshsign.yaml");
     let original = std::fs::read_to_string(&config).unwrap();
     let hangup = |child: &Child| {
