@@ -4,8 +4,8 @@
 #   and a real kube-apiserver + etcd for the Kubernetes features), the Helm
 #   chart, Istio values and Dockerfile checks (tests/helm/check.sh),
 #   the README quick-start, then interop with Istio's own client code and grpcurl,
-#   a short coverage-guided fuzzing pass, the benchmark smoke and the abuse
-#   suite's smoke run.
+#   a short coverage-guided fuzzing pass, the benchmark smoke, the abuse
+#   suite's smoke run and a short soak.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -36,3 +36,5 @@ step "benchmark smoke (seconds; checks that every request succeeds, not speed)"
 bench/run --smoke
 step "abuse smoke (every attack briefly, legitimate renewals alongside; the full run is bench/abuse)"
 bench/abuse --smoke
+step "soak smoke (45 s of good and bad requests at a steady rate; memory and open files must stay flat, every good request succeed; the full run is bench/soak)"
+bench/soak --smoke

@@ -15,7 +15,10 @@
 //! - `abuse` one hostile client (idle connections, slow handshakes, floods,
 //!   rapid and late resets, CONTINUATION floods, held streams, oversized and
 //!   nested requests) with legitimate renewals alongside, and `abuse-report`
-//!   the table of those runs and their targets (`bench/abuse`).
+//!   the table of those runs and their targets (`bench/abuse`);
+//! - `soak` a bounded run of good and bad requests at a steady rate that
+//!   fails unless the server's memory and open files stay flat and every
+//!   good request succeeds (`bench/soak`).
 
 mod abuse;
 mod floor;
@@ -24,6 +27,7 @@ mod kubemetrics;
 mod load;
 mod pool;
 mod procstat;
+mod soak;
 mod storm;
 
 use std::path::PathBuf;
@@ -56,6 +60,10 @@ enum Command {
     Abuse(abuse::AbuseArgs),
     /// The Markdown table of `abuse` results; fails if a target was missed.
     AbuseReport(abuse::ReportArgs),
+    /// A bounded soak: good and bad requests at a steady rate, the server's
+    /// memory and open files sampled; fails unless they stay flat and every
+    /// good request succeeds (`bench/soak`).
+    Soak(soak::SoakArgs),
 }
 
 /// How to reach the CA under test.
@@ -100,6 +108,7 @@ fn main() -> ExitCode {
         Command::KubeSetup(args) => runtime().and_then(|rt| rt.block_on(kube_setup::run(args))),
         Command::Abuse(args) => abuse::run(args),
         Command::AbuseReport(args) => abuse::report(args),
+        Command::Soak(args) => soak::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -91,7 +91,11 @@ pub async fn watch(
     loop {
         tokio::time::sleep(every).await;
         let now_seen = fingerprint(&dir);
-        let files_changed = now_seen != seen && now_seen.is_some();
+        // A directory that cannot be read (removed, made unreadable) is a
+        // change too: loading it fails with the reason, the refusal is
+        // logged and counted and retried like any other, and the running CA
+        // keeps signing. Readable again, it is loaded as a change.
+        let files_changed = now_seen != seen;
         let retry_due = retry.is_some_and(|(at, _)| tokio::time::Instant::now() >= at);
         if !files_changed && !retry_due {
             continue;
