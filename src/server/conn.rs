@@ -205,7 +205,10 @@ impl Shared {
         calls_in_flight: Arc<AtomicUsize>,
     ) -> Arc<Self> {
         let mut http = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        let (stream_window, connection_window) = flow_control_windows(&settings);
         http.timer(TokioTimer::new())
+            .initial_stream_window_size(stream_window)
+            .initial_connection_window_size(connection_window)
             .max_concurrent_streams(settings.max_concurrent_streams)
             .max_header_list_size(settings.max_header_list_bytes)
             .keep_alive_interval(settings.keepalive_interval)
@@ -219,6 +222,26 @@ impl Shared {
             calls_in_flight,
         })
     }
+}
+
+/// HTTP/2 flow-control windows sized for the largest message a call may
+/// carry (HTTP/2's default 65,535 bytes at least): a client can send at most
+/// that much body on a stream before meshsign has read it, so a call refused
+/// for its size (or its credentials) costs meshsign the decryption of at most
+/// one window, not of hyper's default megabyte, before the refusal reaches
+/// the client; the connection window lets every permitted stream have a full
+/// one.
+fn flow_control_windows(settings: &ConnSettings) -> (u32, u32) {
+    const HTTP2_DEFAULT_WINDOW: u32 = 65_535;
+    const MAX_WINDOW: u32 = (1 << 31) - 1;
+    let largest_call = settings.max_request_bytes.saturating_add(GRPC_FRAME_HEADER);
+    let stream = u32::try_from(largest_call)
+        .unwrap_or(MAX_WINDOW)
+        .clamp(HTTP2_DEFAULT_WINDOW, MAX_WINDOW);
+    let connection = stream
+        .saturating_mul(settings.max_concurrent_streams.max(1))
+        .min(MAX_WINDOW);
+    (stream, connection)
 }
 
 /// Why meshsign ended a connection.
@@ -900,5 +923,29 @@ mod tests {
                 "{j:?}"
             );
         }
+    }
+
+    fn settings(max_request_bytes: usize, streams: u32) -> ConnSettings {
+        let mut limits = crate::config::Config::dev_default().limits;
+        limits.max_request_bytes = max_request_bytes;
+        limits.max_concurrent_streams = streams;
+        ConnSettings::from_limits(&limits)
+    }
+
+    #[test]
+    fn windows_fit_the_largest_call_and_never_go_below_http2s_default() {
+        // The defaults: a 32 KiB call fits HTTP/2's default window (hyper's own is 1 MiB).
+        assert_eq!(
+            flow_control_windows(&settings(32 * 1024, 16)),
+            (65_535, 65_535 * 16)
+        );
+        // A larger limit: one whole call (and its 5-byte prefix) fits.
+        assert_eq!(
+            flow_control_windows(&settings(1 << 20, 4)),
+            ((1 << 20) + 5, ((1 << 20) + 5) * 4)
+        );
+        // Never past HTTP/2's largest window.
+        let (s, c) = flow_control_windows(&settings(usize::MAX, u32::MAX));
+        assert_eq!((s, c), ((1 << 31) - 1, (1 << 31) - 1));
     }
 }

@@ -60,7 +60,7 @@ pub struct TlsSettings {
 /// released when the connection is dropped.
 pub enum Conn {
     Tls(
-        Box<Coalesce<TlsStream<TcpStream>>>,
+        Box<Coalesce<TlsStream<MovableTcp>>>,
         PeerInfo,
         OwnedSemaphorePermit,
     ),
@@ -342,6 +342,90 @@ impl Drop for HandshakeThreads {
     }
 }
 
+/// A TCP stream that can move from one runtime's I/O driver to another's:
+/// a connection's handshake runs with its socket registered on the
+/// handshake threads' driver, so the readiness events of handshakes (a
+/// stalled or trickling one has many) are handled there, not by the workers
+/// that serve calls; once established it moves to the workers' driver.
+#[derive(Debug)]
+pub struct MovableTcp(Option<TcpStream>);
+
+impl MovableTcp {
+    /// Registers `socket` with the current runtime's driver.
+    fn register_here(socket: std::net::TcpStream) -> io::Result<Self> {
+        TcpStream::from_std(socket).map(|s| Self(Some(s)))
+    }
+
+    /// Moves the socket to `runtime`'s driver (buffered TLS state is not in
+    /// the socket, so nothing is lost; a socket with data waiting is
+    /// reported ready by its new registration).
+    fn move_to(&mut self, runtime: &tokio::runtime::Handle) -> io::Result<()> {
+        let socket = self.0.take().ok_or_else(not_connected)?.into_std()?;
+        let _entered = runtime.enter();
+        self.0 = Some(TcpStream::from_std(socket)?);
+        Ok(())
+    }
+
+    fn socket(&mut self) -> io::Result<Pin<&mut TcpStream>> {
+        self.0.as_mut().map(Pin::new).ok_or_else(not_connected)
+    }
+}
+
+fn not_connected() -> io::Error {
+    io::Error::from(io::ErrorKind::NotConnected)
+}
+
+impl AsyncRead for MovableTcp {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut().socket() {
+            Ok(s) => s.poll_read(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+}
+
+impl AsyncWrite for MovableTcp {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut().socket() {
+            Ok(s) => s.poll_write(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut().socket() {
+            Ok(s) => s.poll_flush(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut().socket() {
+            Ok(s) => s.poll_shutdown(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut().socket() {
+            Ok(s) => s.poll_write_vectored(cx, bufs),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+}
+
 /// Nice +5 for the calling thread, relative to its current value (Linux:
 /// per thread). Best effort.
 fn lower_thread_priority() {
@@ -423,7 +507,16 @@ pub fn incoming(
             }
             let handshakes = handshakes.clone();
             let acceptor = TlsAcceptor::from(settings.config.clone());
+            // Leaves this runtime's driver; the handshake task registers it with its own.
+            let Ok(socket) = tcp.into_std() else {
+                continue;
+            };
+            let workers = tokio::runtime::Handle::current();
             let handshake_task = async move {
+                let Ok(tcp) = MovableTcp::register_here(socket) else {
+                    handshakes.end(id);
+                    return;
+                };
                 let handshake = tokio::select! {
                     done = tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)) => Some(done),
                     // Closed to make room for a newer handshake.
@@ -435,7 +528,11 @@ pub fn incoming(
                     return;
                 };
                 match handshake {
-                    Ok(Ok(stream)) => {
+                    Ok(Ok(mut stream)) => {
+                        if let Err(e) = stream.get_mut().0.move_to(&workers) {
+                            tracing::debug!(%remote, error = %e, "connection lost after its handshake");
+                            return;
+                        }
                         // Also for a resumed session: rustls restores the
                         // certificates the client presented originally
                         // (verified under the same settings' roots).
