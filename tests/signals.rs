@@ -1,6 +1,7 @@
-//! The real binary under signals: `SIGTERM` while workloads renew as fast as
+//! The real binary as a process: `SIGTERM` while workloads renew as fast as
 //! they can answers every call already in flight, stops taking new ones,
-//! and exits 0 within the drain bound.
+//! and exits 0 within the drain bound; `SIGHUP` reloads the configuration;
+//! and the process is set up for its connections before it serves.
 
 mod common;
 
@@ -217,4 +218,26 @@ async fn sighup_reloads_the_file_and_a_bad_file_changes_nothing() {
     assert_eq!(renew(&ep, &issuer, "open").await, tonic::Code::Ok);
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// The kernel grows a process's descriptor table by doubling, waiting for an
+/// RCU grace period in the `accept4` that crosses each size (stalls of tens
+/// of milliseconds measured under a connection flood); the server grows it
+/// for `max_connections` before it serves.
+#[test]
+fn the_descriptor_table_is_sized_for_max_connections_before_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, _port) = start(dir.path(), "limits: { max_connections: 5000 }\n");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let fd_size: usize = status
+        .lines()
+        .find_map(|l| l.strip_prefix("FDSize:"))
+        .expect("FDSize in /proc/PID/status")
+        .trim()
+        .parse()
+        .unwrap();
+    // 5,000 connections plus 1,024 other descriptors, rounded up by the kernel.
+    assert!(fd_size >= 6024, "FDSize {fd_size}");
 }
