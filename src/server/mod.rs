@@ -347,7 +347,13 @@ pub async fn start_with(
         addr: config.listen,
         reason: e.to_string(),
     })?;
-    reserve_descriptor_table(&listener, config.limits.max_connections);
+    reserve_descriptor_table(
+        &listener,
+        config
+            .limits
+            .max_connections
+            .saturating_add(OTHER_DESCRIPTORS),
+    );
     let incoming = tls::incoming(
         listener,
         tls,
@@ -513,8 +519,9 @@ fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
 /// servers, the monitoring endpoint's clients).
 const OTHER_DESCRIPTORS: usize = 1024;
 
-/// Grows the process's file-descriptor table, now, to what `max_connections`
-/// connections need (within the open-file limit). Linux grows the table by
+/// Grows the process's file-descriptor table, now, to `count` descriptors
+/// (within the open-file limit; the server asks for what `max_connections`
+/// connections need). `reference` is any open descriptor. Linux grows the table by
 /// doubling as descriptors are opened, and each growth waits for an RCU
 /// grace period inside the `accept4` that crossed it (`expand_files` →
 /// `synchronize_rcu`): measured in the abuse suite's idle-h2 attack (10,000
@@ -523,10 +530,9 @@ const OTHER_DESCRIPTORS: usize = 1024;
 /// before serving, takes those waits out of the request path. Costs 8 bytes
 /// per descriptor (~256 KiB for the default 20,000 connections).
 #[cfg(unix)]
-fn reserve_descriptor_table(listener: &TcpListener, max_connections: usize) {
-    use std::os::fd::AsRawFd;
+pub fn reserve_descriptor_table(reference: &impl std::os::fd::AsRawFd, count: usize) {
     let soft = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(0, |(soft, _)| soft);
-    let wanted = max_connections.saturating_add(OTHER_DESCRIPTORS) as u64;
+    let wanted = count as u64;
     let highest = wanted.min(soft).saturating_sub(1);
     let Ok(highest) = libc::c_int::try_from(highest) else {
         return;
@@ -534,7 +540,7 @@ fn reserve_descriptor_table(listener: &TcpListener, max_connections: usize) {
     // SAFETY: F_DUPFD_CLOEXEC duplicates a descriptor we own onto the lowest
     // free number >= `highest`; the duplicate is closed at once. Best effort.
     unsafe {
-        let dup = libc::fcntl(listener.as_raw_fd(), libc::F_DUPFD_CLOEXEC, highest);
+        let dup = libc::fcntl(reference.as_raw_fd(), libc::F_DUPFD_CLOEXEC, highest);
         if dup >= 0 {
             libc::close(dup);
         }
@@ -542,7 +548,7 @@ fn reserve_descriptor_table(listener: &TcpListener, max_connections: usize) {
 }
 
 #[cfg(not(unix))]
-fn reserve_descriptor_table(_: &TcpListener, _: usize) {}
+pub fn reserve_descriptor_table<T>(_: &T, _: usize) {}
 
 /// The TLS settings for the serving certificate and the CA's current roots.
 fn tls_settings(
