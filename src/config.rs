@@ -494,6 +494,9 @@ pub struct RootPublisherConfig {
     pub lease_duration: Duration,
     /// This replica's name in the Lease.
     pub holder_identity: String,
+    /// Whether the file named it (otherwise it is made up, differently at
+    /// every read: a reload must not take that for a change).
+    pub holder_identity_configured: bool,
     /// Full re-check of every namespace this often, on top of the watches.
     pub resync: Duration,
 }
@@ -1517,6 +1520,7 @@ fn validate_kubernetes(
                     "enable configmap or cluster_trust_bundle (or omit root_certificates)",
                 ));
             }
+            let holder_identity_configured = r.holder_identity.is_some();
             let holder_identity = match r.holder_identity {
                 Some(h) if !h.is_empty() => h,
                 Some(_) => return Err(invalid(&key("holder_identity"), "must not be empty")),
@@ -1530,6 +1534,7 @@ fn validate_kubernetes(
                 lease_name: r.lease_name,
                 lease_duration,
                 holder_identity,
+                holder_identity_configured,
                 resync,
             })
         }

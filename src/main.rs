@@ -427,6 +427,9 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     for warning in config.startup_warnings() {
         tracing::warn!("{warning}");
     }
+    // Installed before the (possibly slow) start, so that a SIGHUP meanwhile
+    // is a reload request, not the default action (exit).
+    let hangups = hangup_signals();
     let mut running = server::start(&config).await.map_err(|e| e.to_string())?;
     if let Some(state) = running.dev {
         let exe = std::env::args().next().unwrap_or_else(|| "meshsign".into());
@@ -449,7 +452,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
              openssl verify -CAfile workload-certs/root-cert.pem -untrusted workload-certs/cert-chain.pem workload-certs/cert-chain.pem"
         );
     }
-    let reloads = reload_on_hangup(running.reloader(), args);
+    let reloads = reload_on_hangup(running.reloader(), args, hangups);
     tokio::select! {
         r = running.wait() => r,
         _ = shutdown_signal() => {
@@ -460,34 +463,52 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     }
 }
 
+/// The `SIGHUP` stream (`None` where there is none).
+#[cfg(unix)]
+fn hangup_signals() -> Option<tokio::signal::unix::Signal> {
+    use tokio::signal::unix::{signal, SignalKind};
+    signal(SignalKind::hangup()).ok()
+}
+
+#[cfg(not(unix))]
+fn hangup_signals() -> Option<()> {
+    None
+}
+
 /// On every `SIGHUP`, reads the configuration file again (with the same
 /// command-line overrides) and applies it if it can be applied whole.
-async fn reload_on_hangup(reloader: std::sync::Arc<server::ConfigReloader>, args: ServeArgs) {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut hangups) = signal(SignalKind::hangup()) else {
-            return std::future::pending().await;
+#[cfg(unix)]
+async fn reload_on_hangup(
+    reloader: std::sync::Arc<server::ConfigReloader>,
+    args: ServeArgs,
+    hangups: Option<tokio::signal::unix::Signal>,
+) {
+    let Some(mut hangups) = hangups else {
+        return std::future::pending().await;
+    };
+    while hangups.recv().await.is_some() {
+        let Some(path) = &args.config else {
+            tracing::warn!("SIGHUP: serving without --config, there is no file to reload");
+            continue;
         };
-        while hangups.recv().await.is_some() {
-            let Some(path) = &args.config else {
-                tracing::warn!("SIGHUP: serving without --config, there is no file to reload");
-                continue;
-            };
-            tracing::info!(file = %path.display(), "SIGHUP: reloading the configuration");
-            let next = Config::from_file(path).map(|mut c| {
-                if let Some(listen) = args.listen {
-                    c.listen = listen;
-                }
-                if let Some(dir) = &args.state_dir {
-                    c.state_dir = dir.clone();
-                }
-                c
-            });
-            // Logged and counted by the reloader.
-            let _ = reloader.reload(next).await;
-        }
+        tracing::info!(file = %path.display(), "SIGHUP: reloading the configuration");
+        let next = Config::from_file(path).map(|mut c| {
+            if let Some(listen) = args.listen {
+                c.listen = listen;
+            }
+            if let Some(dir) = &args.state_dir {
+                c.state_dir = dir.clone();
+            }
+            c
+        });
+        // Logged and counted by the reloader.
+        let _ = reloader.reload(next).await;
     }
+    std::future::pending().await
+}
+
+#[cfg(not(unix))]
+async fn reload_on_hangup(_: std::sync::Arc<server::ConfigReloader>, _: ServeArgs, _: Option<()>) {
     std::future::pending().await
 }
 

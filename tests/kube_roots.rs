@@ -61,6 +61,7 @@ fn settings(holder: &str, lease: &str, selector: &str) -> RootPublisherConfig {
         lease_name: lease.into(),
         lease_duration: LEASE_DURATION,
         holder_identity: holder.into(),
+        holder_identity_configured: true,
         resync: Duration::from_secs(1),
     }
 }

@@ -238,6 +238,13 @@ impl JwtIssuer {
         self.keys.load().keys.len()
     }
 
+    /// Starts from `previous`'s keys (a reconfigured issuer whose keys come
+    /// from the same place): until its own first fetch succeeds it verifies
+    /// what its predecessor did, instead of nothing.
+    pub fn adopt_keys(&self, previous: &JwtIssuer) {
+        self.keys.store(previous.keys.load_full());
+    }
+
     /// Resolves when a token named a key id this issuer does not have.
     pub async fn refresh_requested(&self) {
         self.refresh_wanted.notified().await

@@ -106,8 +106,16 @@ pub fn restart_only_changes(running: &Config, next: &Config) -> Vec<&'static str
     );
     differs(
         "kubernetes",
-        without_node_accounts(kubernetes.as_ref())
-            != without_node_accounts(next.kubernetes.as_ref()),
+        restart_view(kubernetes.as_ref()) != restart_view(next.kubernetes.as_ref()),
+    );
+    // The pod watches node authorization reads are started only when there
+    // are trusted node accounts: from none to some (or back) takes a restart;
+    // one list for another does not.
+    let node_accounts =
+        |c: Option<&KubernetesConfig>| c.is_some_and(|k| !k.trusted_node_accounts.is_empty());
+    differs(
+        "kubernetes.trusted_node_accounts (empty or not)",
+        node_accounts(kubernetes.as_ref()) != node_accounts(next.kubernetes.as_ref()),
     );
     // The clusters' offline verifiers hold the issuers they were built with.
     if kubernetes.is_some() && next.kubernetes.is_some() {
@@ -165,11 +173,23 @@ pub fn restart_only_changes(running: &Config, next: &Config) -> Vec<&'static str
     keys
 }
 
-/// The Kubernetes section minus its one reloadable key.
-fn without_node_accounts(k: Option<&KubernetesConfig>) -> Option<KubernetesConfig> {
-    k.map(|k| KubernetesConfig {
-        trusted_node_accounts: Vec::new(),
-        ..k.clone()
+/// The Kubernetes section as a restart would see it: without its one
+/// reloadable key, and without a Lease holder identity the file leaves to
+/// be made up (a new one at every read).
+fn restart_view(k: Option<&KubernetesConfig>) -> Option<KubernetesConfig> {
+    k.map(|k| {
+        let mut k = KubernetesConfig {
+            trusted_node_accounts: Vec::new(),
+            ..k.clone()
+        };
+        if let Some(p) = k
+            .root_publisher
+            .as_mut()
+            .filter(|p| !p.holder_identity_configured)
+        {
+            p.holder_identity.clear();
+        }
+        k
     })
 }
 
@@ -282,7 +302,8 @@ impl ConfigReloader {
         }
 
         let before = self.service.rules();
-        // Unchanged budgets keep their buckets: a reload is no way to reset one.
+        // Unchanged rate limits keep their buckets: a reload is no way to
+        // reset one. Any change to them starts every budget full.
         let limiter = if running.rate_limits == next.rate_limits {
             before.limiter.clone()
         } else {
@@ -321,5 +342,54 @@ impl ConfigReloader {
         *running = next;
         *issuers = next_issuers;
         Ok(changed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &str) -> Config {
+        let yaml = format!(
+            "ca: {{ dir: /etc/cacerts }}\n\
+             kubernetes:\n  clusters: [ {{ id: c1, in_cluster: true }} ]\n{extra}"
+        );
+        Config::from_yaml(&yaml).unwrap_or_else(|e| panic!("{yaml}: {e}"))
+    }
+
+    #[test]
+    fn the_same_file_read_twice_is_no_change_even_with_a_made_up_lease_identity() {
+        let publishing = "  root_certificates: {}\n";
+        let (running, next) = (parse(publishing), parse(publishing));
+        // Each read makes up its own identity...
+        let identity = |c: &Config| {
+            c.kubernetes
+                .as_ref()
+                .unwrap()
+                .root_publisher
+                .as_ref()
+                .unwrap()
+                .holder_identity
+                .clone()
+        };
+        assert_ne!(identity(&running), identity(&next));
+        // ...which a restart would make up again: not a change.
+        assert_eq!(restart_only_changes(&running, &next), Vec::<&str>::new());
+        // One the file names is compared.
+        let named = parse("  root_certificates: { holder_identity: replica-a }\n");
+        assert_eq!(restart_only_changes(&running, &named), vec!["kubernetes"]);
+    }
+
+    #[test]
+    fn trusted_node_accounts_from_none_to_some_takes_a_restart_one_list_for_another_does_not() {
+        let none = parse("");
+        let one = parse("  trusted_node_accounts: [ istio-system/ztunnel ]\n");
+        let other = parse("  trusted_node_accounts: [ kube-system/ztunnel ]\n");
+        assert_eq!(
+            restart_only_changes(&none, &one),
+            vec!["kubernetes.trusted_node_accounts (empty or not)"]
+        );
+        assert_eq!(restart_only_changes(&one, &none).len(), 1);
+        assert_eq!(restart_only_changes(&one, &other), Vec::<&str>::new());
     }
 }

@@ -72,7 +72,19 @@ impl IssuerSet {
             }
             let (issuer, refresh) = match &key.config {
                 None => (dev_issuer(config, skew)?, DEFAULT_REFRESH),
-                Some(j) => (configured_issuer(j, skew).await?, j.refresh),
+                Some(j) => {
+                    // The same issuer reconfigured (audiences, refresh, skew)
+                    // with its keys from the same place keeps them while its
+                    // own first fetch is pending or failing.
+                    let predecessor = previous.entries.iter().find(|e| {
+                        e.key
+                            .config
+                            .as_ref()
+                            .is_some_and(|p| p.issuer == j.issuer && p.jwks == j.jwks)
+                    });
+                    let fresh = configured_issuer(j, skew, predecessor.map(|e| &*e.issuer)).await?;
+                    (fresh, j.refresh)
+                }
             };
             let issuer = Arc::new(issuer);
             let looped = issuer.clone();
@@ -114,8 +126,13 @@ fn dev_issuer(config: &Config, skew: Duration) -> Result<JwtIssuer, StartError> 
     Ok(issuer)
 }
 
-/// A configured issuer, its keys loaded where possible.
-async fn configured_issuer(j: &JwtIssuerConfig, skew: Duration) -> Result<JwtIssuer, StartError> {
+/// A configured issuer, its keys loaded where possible (starting from
+/// `predecessor`'s, when it replaces one that read the same JWKS).
+async fn configured_issuer(
+    j: &JwtIssuerConfig,
+    skew: Duration,
+    predecessor: Option<&JwtIssuer>,
+) -> Result<JwtIssuer, StartError> {
     let source = match &j.jwks {
         JwksLocation::File(path) => JwksSource::File(path.clone()),
         JwksLocation::Uri {
@@ -134,6 +151,9 @@ async fn configured_issuer(j: &JwtIssuerConfig, skew: Duration) -> Result<JwtIss
         },
     };
     let issuer = JwtIssuer::new(j.issuer.clone(), j.audiences.clone(), source, skew);
+    if let Some(p) = predecessor {
+        issuer.adopt_keys(p);
+    }
     match issuer.refresh().await {
         Ok(n) => tracing::info!(issuer = %j.issuer, keys = n, "JWKS loaded"),
         // A file is under the operator's control: fail fast. A URL may be
@@ -169,5 +189,44 @@ async fn refresh_jwks(issuer: Arc<JwtIssuer>, every: Duration) {
         if let Err(reason) = issuer.refresh().await {
             tracing::warn!(issuer = %issuer.issuer, %reason, "JWKS refresh failed; keeping the previous keys");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(audience: &str) -> Config {
+        // A JWKS URL nothing answers on: every fetch fails at once.
+        let yaml = format!(
+            "ca: {{ dir: /etc/cacerts }}\n\
+             authn: {{ jwt: [ {{ issuer: example, audiences: [{audience}], \
+             jwks_uri: \"https://127.0.0.1:1/jwks\" }} ] }}\n"
+        );
+        Config::from_yaml(&yaml).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_reconfigured_issuer_keeps_its_keys_while_its_own_fetch_fails() {
+        let metrics = Metrics::new().unwrap();
+        let first = IssuerSet::build(&config("a"), &IssuerSet::default(), &metrics)
+            .await
+            .unwrap();
+        assert_eq!(first.issuers()[0].key_count(), 0, "the URL does not answer");
+        // Keys it had fetched before the endpoint went down.
+        let dir = tempfile::tempdir().unwrap();
+        let dev = DevTokenIssuer::load_or_create(dir.path()).unwrap();
+        first.issuers()[0]
+            .set_jwks(dev.jwks().as_bytes(), None)
+            .unwrap();
+
+        // Another audience, same JWKS URL: a new issuer, with the old keys.
+        let second = IssuerSet::build(&config("b"), &first, &metrics)
+            .await
+            .unwrap();
+        let (old, new) = (&first.issuers()[0], &second.issuers()[0]);
+        assert!(!Arc::ptr_eq(old, new), "reconfigured, not reused");
+        assert_eq!(new.audiences, ["b"]);
+        assert_eq!(new.key_count(), old.key_count());
     }
 }

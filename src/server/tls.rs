@@ -307,9 +307,12 @@ impl Handshakes {
 /// thousands) would otherwise queue thousands of handshake tasks on the
 /// workers, ahead of the next call of every established connection; here
 /// the operating system runs a worker with a call to make before the
-/// handshake thread. Sockets stay registered with the main runtime's I/O
-/// driver (they are accepted there), so a busy handshake thread never delays
-/// the readiness of established connections. Dropping it stops its threads.
+/// handshake thread. A socket is accepted on the workers' runtime, then
+/// registered with this runtime's I/O driver for its handshake (its
+/// readiness events are this thread's work, not the workers'), and moves
+/// back to the workers' driver once established ([`MovableTcp`]), so a busy
+/// handshake thread never delays the readiness of established connections.
+/// Dropping it stops its threads.
 pub struct HandshakeThreads {
     runtime: Option<tokio::runtime::Runtime>,
 }
@@ -509,6 +512,7 @@ pub fn incoming(
             let acceptor = TlsAcceptor::from(settings.config.clone());
             // Leaves this runtime's driver; the handshake task registers it with its own.
             let Ok(socket) = tcp.into_std() else {
+                handshakes.end(id);
                 continue;
             };
             let workers = tokio::runtime::Handle::current();
