@@ -29,7 +29,6 @@ use meshsign::pki;
 use meshsign::token::{DevTokenIssuer, TokenRequest};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
-use x509_parser::prelude::*;
 
 fn spec(cn: &str) -> CaSpec {
     common::ca_spec(cn, KeyType::EcdsaP256, ::time::Duration::days(30))
@@ -41,21 +40,6 @@ const CA_FILES: [&str; 4] = [
     "cert-chain.pem",
     "root-cert.pem",
 ];
-
-/// The issuer CN of the leaf in a response.
-fn issuer_cn(elements: &[String]) -> String {
-    let der = pki::parse_certificates_nonempty(elements[0].as_bytes()).unwrap();
-    let (_, leaf) = X509Certificate::from_der(&der[0]).unwrap();
-    let cn = leaf
-        .issuer()
-        .iter_common_name()
-        .next()
-        .unwrap()
-        .as_str()
-        .unwrap()
-        .to_owned();
-    cn
-}
 
 /// What a stream of renewals saw.
 #[derive(Default, Debug, Clone)]
@@ -91,7 +75,9 @@ impl Renewals {
                     match result {
                         Ok((elements, _)) => {
                             t.ok += 1;
-                            *t.issuers.entry(issuer_cn(&elements)).or_default() += 1;
+                            *t.issuers
+                                .entry(common::leaf_issuer_cn(&elements))
+                                .or_default() += 1;
                         }
                         Err(e) => t.failed.push(e),
                     }

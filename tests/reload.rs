@@ -7,7 +7,6 @@ mod common;
 use common::{TestServer, Workload};
 use meshsign::ca::generate::{self, CaSpec, KeyType};
 use meshsign::client::WorkloadKeyType;
-use x509_parser::prelude::*;
 
 fn spec(cn: &str) -> CaSpec {
     common::ca_spec(cn, KeyType::EcdsaP256, ::time::Duration::days(30))
@@ -19,17 +18,7 @@ async fn issuer_cn(ts: &TestServer, wl: &Workload, token: &str) -> String {
         .obtain(&ts.endpoint(), Some(token), 600)
         .await
         .expect("issued");
-    let der = meshsign::pki::parse_certificates_nonempty(chain[0].as_bytes()).unwrap();
-    let (_, leaf) = X509Certificate::from_der(&der[0]).unwrap();
-    let cn = leaf
-        .issuer()
-        .iter_common_name()
-        .next()
-        .unwrap()
-        .as_str()
-        .unwrap()
-        .to_owned();
-    cn
+    common::leaf_issuer_cn(&chain)
 }
 
 async fn wait_for_issuer(ts: &TestServer, wl: &Workload, token: &str, want: &str) -> bool {

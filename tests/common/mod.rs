@@ -196,6 +196,22 @@ impl TestServer {
     }
 }
 
+/// The issuer CN of the leaf in a response (which CA signed it).
+pub fn leaf_issuer_cn(elements: &[String]) -> String {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let der = pki::parse_certificates_nonempty(elements[0].as_bytes()).expect("leaf PEM");
+    let (_, leaf) = X509Certificate::from_der(&der[0]).expect("leaf DER");
+    let cn = leaf
+        .issuer()
+        .iter_common_name()
+        .next()
+        .expect("issuer CN")
+        .as_str()
+        .expect("issuer CN text")
+        .to_owned();
+    cn
+}
+
 /// A test server's configuration: `base` plus `extra_yaml`.
 fn compose(base: &str, plugin_ca: bool, extra_yaml: &str) -> String {
     let mut yaml = base.to_owned();
