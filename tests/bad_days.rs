@@ -22,7 +22,6 @@ use std::time::{Duration, Instant};
 use common::kube::{Kube, KubeApiServer};
 use common::{eventually, TestServer, Workload};
 use meshsign::ca::generate::{self, CaSpec, GeneratedCa, KeyType};
-use meshsign::ca::{Ca, LeafSpec, SanEntry};
 use meshsign::client::{CaEndpoint, WorkloadKeyType};
 use meshsign::config::Config;
 use meshsign::pki;
@@ -594,23 +593,7 @@ async fn jwks_setup() -> JwksSetup {
     let dir = tempfile::tempdir().unwrap();
     let bundle = dir.path().join("bundle");
     std::fs::create_dir_all(&bundle).unwrap();
-    let now = ::time::OffsetDateTime::now_utc();
-    let root = generate::root(&spec("root"), now).unwrap();
-    let inter = generate::intermediate(&root, &spec("first"), now).unwrap();
-    generate::write_istio_layout(&bundle, &inter, &inter.cert_pem, &root.cert_pem).unwrap();
-    let ca = Ca::load(&bundle, now).unwrap();
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
-    let leaf = ca
-        .sign(&LeafSpec {
-            spki_der: &spki,
-            common_name: None,
-            sans: &[SanEntry::Dns("localhost".into())],
-            not_before: now - ::time::Duration::minutes(1),
-            not_after: now + ::time::Duration::hours(1),
-        })
-        .unwrap();
-    let (chain_pem, key_pem) = (pki::cert_pem(&leaf) + &inter.cert_pem, key.serialize_pem());
+    let (chain_pem, key_pem) = common::bundle_and_serving_cert(&bundle, "first");
     let old = DevTokenIssuer::load_or_create(&dir.path().join("old")).unwrap();
     let new = DevTokenIssuer::load_or_create(&dir.path().join("new")).unwrap();
     let jwks = JwksServer::start(&chain_pem, &key_pem, Jwks::Serve(jwks_of(&[&old]))).await;

@@ -7,44 +7,11 @@ mod common;
 use std::sync::Arc;
 
 use common::Workload;
-use meshsign::ca::generate::{self, KeyType};
-use meshsign::ca::{Ca, LeafSpec, SanEntry};
 use meshsign::client::{CaEndpoint, WorkloadKeyType};
 use meshsign::config::Config;
 use meshsign::pki;
 use meshsign::token::DevTokenIssuer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// A root + intermediate bundle in `dir`, and a serving certificate for
-/// `localhost` signed by it (chain PEM, key PEM).
-fn bundle_and_serving_cert(dir: &std::path::Path) -> (String, String) {
-    let now = ::time::OffsetDateTime::now_utc();
-    let root = generate::root(
-        &common::ca_spec("root", KeyType::EcdsaP256, ::time::Duration::days(10)),
-        now,
-    )
-    .unwrap();
-    let inter = generate::intermediate(
-        &root,
-        &common::ca_spec("inter", KeyType::EcdsaP256, ::time::Duration::days(10)),
-        now,
-    )
-    .unwrap();
-    generate::write_istio_layout(dir, &inter, &inter.cert_pem, &root.cert_pem).unwrap();
-    let ca = Ca::load(dir, now).unwrap();
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
-    let leaf = ca
-        .sign(&LeafSpec {
-            spki_der: &spki,
-            common_name: None,
-            sans: &[SanEntry::Dns("localhost".into())],
-            not_before: now - ::time::Duration::minutes(1),
-            not_after: now + ::time::Duration::hours(1),
-        })
-        .unwrap();
-    (pki::cert_pem(&leaf) + &inter.cert_pem, key.serialize_pem())
-}
 
 /// An HTTPS server on loopback that answers every request with `response()`
 /// and reports each request's head.
@@ -92,7 +59,7 @@ async fn jwks_client_follows_no_redirect_and_caps_the_body() {
     use meshsign::auth::JwtIssuer;
 
     let dir = tempfile::tempdir().unwrap();
-    let (chain_pem, key_pem) = bundle_and_serving_cert(dir.path());
+    let (chain_pem, key_pem) = common::bundle_and_serving_cert(dir.path(), "inter");
     let root = dir.path().join("root-cert.pem");
     // Where a redirect would lead: a plain-HTTP listener that must see nothing.
     let trap = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -175,7 +142,7 @@ async fn serving_certificate_from_files_and_jwks_over_https() {
     let dir = tempfile::tempdir().unwrap();
     let bundle = dir.path().join("bundle");
     std::fs::create_dir_all(&bundle).unwrap();
-    let (chain_pem, key_pem) = bundle_and_serving_cert(&bundle);
+    let (chain_pem, key_pem) = common::bundle_and_serving_cert(&bundle, "inter");
     std::fs::write(dir.path().join("tls.crt"), &chain_pem).unwrap();
     std::fs::write(dir.path().join("tls.key"), &key_pem).unwrap();
     std::fs::write(dir.path().join("sa-token"), "kube-api-token\n").unwrap();

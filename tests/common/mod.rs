@@ -35,6 +35,47 @@ pub fn ca_spec(
     }
 }
 
+/// A P-256 root + intermediate (`intermediate_cn`) bundle written to `dir`
+/// in Istio's layout, and a serving certificate for `localhost` signed by it
+/// (chain PEM, key PEM): for test HTTPS servers such as a JWKS endpoint.
+pub fn bundle_and_serving_cert(dir: &Path, intermediate_cn: &str) -> (String, String) {
+    let now = ::time::OffsetDateTime::now_utc();
+    let root = meshsign::ca::generate::root(
+        &ca_spec(
+            "root",
+            meshsign::ca::generate::KeyType::EcdsaP256,
+            ::time::Duration::days(10),
+        ),
+        now,
+    )
+    .unwrap();
+    let inter = meshsign::ca::generate::intermediate(
+        &root,
+        &ca_spec(
+            intermediate_cn,
+            meshsign::ca::generate::KeyType::EcdsaP256,
+            ::time::Duration::days(10),
+        ),
+        now,
+    )
+    .unwrap();
+    meshsign::ca::generate::write_istio_layout(dir, &inter, &inter.cert_pem, &root.cert_pem)
+        .unwrap();
+    let ca = meshsign::ca::Ca::load(dir, now).unwrap();
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
+    let leaf = ca
+        .sign(&meshsign::ca::LeafSpec {
+            spki_der: &spki,
+            common_name: None,
+            sans: &[meshsign::ca::SanEntry::Dns("localhost".into())],
+            not_before: now - ::time::Duration::minutes(1),
+            not_after: now + ::time::Duration::hours(1),
+        })
+        .unwrap();
+    (pki::cert_pem(&leaf) + &inter.cert_pem, key.serialize_pem())
+}
+
 /// The Istio sample plug-in bundle, checked into tests/testdata.
 pub fn istio_samples() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/testdata/istio-samples")
