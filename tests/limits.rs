@@ -494,6 +494,52 @@ async fn a_connection_that_keeps_being_refused_is_sent_away() {
     );
 }
 
+/// Not an `IstioCertificateRequest`: its field 1 (the CSR, a string) holds
+/// bytes that are not UTF-8, so the message does not decode.
+#[derive(Clone, PartialEq, prost::Message)]
+struct NotUtf8Csr {
+    #[prost(bytes = "vec", tag = "1")]
+    csr: Vec<u8>,
+}
+
+#[tokio::test]
+async fn messages_that_do_not_decode_spend_the_refusal_budget() {
+    let ts = TestServer::dev("limits: { refusal_budget: { per_second: 0.01, burst: 5 } }\n").await;
+    let flood = meshsign::client::channel(&ts.endpoint()).await.unwrap();
+    for _ in 0..6 {
+        let mut grpc = tonic::client::Grpc::new(flood.clone());
+        grpc.ready().await.unwrap();
+        let answer: Result<tonic::Response<meshsign::proto::IstioCertificateResponse>, _> = grpc
+            .unary(
+                tonic::Request::new(NotUtf8Csr {
+                    csr: vec![0xff; 16],
+                }),
+                http::uri::PathAndQuery::from_static(
+                    "/istio.v1.auth.IstioCertificateService/CreateCertificate",
+                ),
+                tonic_prost::ProstCodec::default(),
+            )
+            .await;
+        // grpc-go's (istiod's) code for a request that does not unmarshal.
+        assert_eq!(answer.unwrap_err().code(), Code::Internal);
+    }
+    assert!(
+        ts.metric("meshsign_requests_refused_early_total{reason=\"decode\"}")
+            .await
+            >= 5.0
+    );
+    common::eventually(
+        "GOAWAY for undecodable messages",
+        Duration::from_secs(5),
+        || async {
+            ts.metric("meshsign_connections_closed_total{reason=\"refusal_budget\"}")
+                .await
+                == 1.0
+        },
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn an_oversized_message_is_refused_by_its_prefix_or_by_its_bytes() {
     let ts = TestServer::dev("limits: { max_request_bytes: 8192 }\n").await;

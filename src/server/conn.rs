@@ -489,19 +489,22 @@ impl StreamGuard {
         self.finished.store(true, Ordering::Release);
     }
 
-    /// The call was answered with `code`: a refusal for the client's own
-    /// fault spends the connection's refusal budget. A connection that keeps
-    /// sending what is refused (a flood without, or with forged, credentials)
-    /// is sent away, so each further burst costs it a new TLS handshake.
-    fn refused(&self, code: Code) {
-        let clients_fault = matches!(
-            code,
-            Code::Unauthenticated
-                | Code::PermissionDenied
-                | Code::InvalidArgument
-                | Code::ResourceExhausted
-                | Code::Unimplemented
-        );
+    /// The call was answered with `code` (`undecodable`: its message did not
+    /// decode): a refusal for the client's own fault spends the connection's
+    /// refusal budget. A connection that keeps sending what is refused (a
+    /// flood without, or with forged, credentials, or of messages that do not
+    /// decode) is sent away, so each further burst costs it a new TLS
+    /// handshake.
+    fn refused(&self, code: Code, undecodable: bool) {
+        let clients_fault = undecodable
+            || matches!(
+                code,
+                Code::Unauthenticated
+                    | Code::PermissionDenied
+                    | Code::InvalidArgument
+                    | Code::ResourceExhausted
+                    | Code::Unimplemented
+            );
         if clients_fault && !self.state.refusals.take(Instant::now()) {
             self.state.flag(CloseReason::RefusalBudget);
         }
@@ -664,11 +667,14 @@ async fn handle(
         }
     };
     if let Some(code) = grpc_status(&response) {
+        // Refused before the CA service saw it: its message did not decode
+        // (INTERNAL, as grpc-go answers), which is the client's making.
+        let undecodable = reached.as_ref().is_some_and(|r| !r.reached());
         if !reached.as_ref().is_some_and(ReachedService::overloaded) {
-            guard.refused(code);
+            guard.refused(code, undecodable);
         }
         let early = match &reached {
-            Some(r) if !r.reached() => Some("decode"),
+            Some(_) if undecodable => Some("decode"),
             _ if code == Code::Unimplemented => Some("unimplemented"),
             _ => None,
         };
@@ -771,7 +777,7 @@ fn count_early(guard: &StreamGuard, reason: &str, code: Code) {
 fn refuse(guard: StreamGuard, reason: &str, status: Status) -> Response<StreamBody> {
     count_early(&guard, reason, status.code());
     if reason != "calls_in_flight" {
-        guard.refused(status.code());
+        guard.refused(status.code(), false);
     }
     // Answered: not an abandoned stream.
     guard.finish();

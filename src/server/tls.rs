@@ -55,22 +55,18 @@ pub struct TlsSettings {
     pub roots: RootsId,
 }
 
-/// An accepted connection, TLS or (insecure mode) plaintext.
-/// The third field is the connection's slot under `limits.max_connections`,
-/// released when the connection is dropped.
+/// An accepted connection, TLS or (insecure mode) plaintext, holding its
+/// slot under `limits.max_connections` (a TLS one in its [`MovableTcp`]; a
+/// plaintext one in the third field) until it is closed.
 pub enum Conn {
-    Tls(
-        Box<Coalesce<TlsStream<MovableTcp>>>,
-        PeerInfo,
-        OwnedSemaphorePermit,
-    ),
+    Tls(Box<Coalesce<TlsStream<MovableTcp>>>, PeerInfo),
     Plain(Coalesce<TcpStream>, PeerInfo, OwnedSemaphorePermit),
 }
 
 impl Conn {
     pub fn peer(&self) -> &PeerInfo {
         match self {
-            Conn::Tls(_, p, _) | Conn::Plain(_, p, _) => p,
+            Conn::Tls(_, p) | Conn::Plain(_, p, _) => p,
         }
     }
 }
@@ -82,7 +78,7 @@ impl AsyncRead for Conn {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Conn::Tls(s, _, _) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_read(cx, buf),
             Conn::Plain(s, _, _) => Pin::new(s).poll_read(cx, buf),
         }
     }
@@ -95,19 +91,19 @@ impl AsyncWrite for Conn {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            Conn::Tls(s, _, _) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_write(cx, buf),
             Conn::Plain(s, _, _) => Pin::new(s).poll_write(cx, buf),
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Conn::Tls(s, _, _) => Pin::new(s.as_mut()).poll_flush(cx),
+            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_flush(cx),
             Conn::Plain(s, _, _) => Pin::new(s).poll_flush(cx),
         }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Conn::Tls(s, _, _) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_shutdown(cx),
             Conn::Plain(s, _, _) => Pin::new(s).poll_shutdown(cx),
         }
     }
@@ -117,13 +113,13 @@ impl AsyncWrite for Conn {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            Conn::Tls(s, _, _) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
             Conn::Plain(s, _, _) => Pin::new(s).poll_write_vectored(cx, bufs),
         }
     }
     fn is_write_vectored(&self) -> bool {
         match self {
-            Conn::Tls(s, _, _) => s.is_write_vectored(),
+            Conn::Tls(s, _) => s.is_write_vectored(),
             Conn::Plain(s, _, _) => s.is_write_vectored(),
         }
     }
@@ -345,32 +341,71 @@ impl Drop for HandshakeThreads {
     }
 }
 
-/// A TCP stream that can move from one runtime's I/O driver to another's:
-/// a connection's handshake runs with its socket registered on the
+/// A TLS connection's TCP socket, which can move from one runtime's I/O
+/// driver to another's, and holds the connection's slot under
+/// `max_connections`.
+///
+/// A connection's handshake runs with its socket registered on the
 /// handshake threads' driver, so the readiness events of handshakes (a
 /// stalled or trickling one has many) are handled there, not by the workers
 /// that serve calls; once established it moves to the workers' driver.
+///
+/// When dropped, the socket is closed on the handshake threads, and the slot
+/// released only then. Closing a socket (taking it out of the driver's
+/// epoll set, and the FIN, whose receiving side the kernel also processes
+/// in this call on loopback) is most of what a connection costs to end: a
+/// client closing thousands of idle connections at once (the end of the
+/// idle-connection attack) would queue that on the workers, ahead of every
+/// established connection's next call. On the lower-priority handshake
+/// threads it waits for the workers instead. Sockets waiting to be closed
+/// still hold their slots, so they are bounded by `max_connections`.
 #[derive(Debug)]
-pub struct MovableTcp(Option<TcpStream>);
+pub struct MovableTcp {
+    socket: Option<TcpStream>,
+    /// The runtime it was registered with first (the handshake threads),
+    /// where it is closed.
+    closer: Option<tokio::runtime::Handle>,
+    slot: Option<OwnedSemaphorePermit>,
+}
 
 impl MovableTcp {
-    /// Registers `socket` with the current runtime's driver.
-    fn register_here(socket: std::net::TcpStream) -> io::Result<Self> {
-        TcpStream::from_std(socket).map(|s| Self(Some(s)))
+    /// Registers `socket`, which holds connection slot `slot`, with the
+    /// current runtime's driver; that runtime closes it.
+    fn register_here(socket: std::net::TcpStream, slot: OwnedSemaphorePermit) -> io::Result<Self> {
+        Ok(Self {
+            socket: Some(TcpStream::from_std(socket)?),
+            closer: tokio::runtime::Handle::try_current().ok(),
+            slot: Some(slot),
+        })
     }
 
     /// Moves the socket to `runtime`'s driver (buffered TLS state is not in
     /// the socket, so nothing is lost; a socket with data waiting is
     /// reported ready by its new registration).
     fn move_to(&mut self, runtime: &tokio::runtime::Handle) -> io::Result<()> {
-        let socket = self.0.take().ok_or_else(not_connected)?.into_std()?;
+        let socket = self.socket.take().ok_or_else(not_connected)?.into_std()?;
         let _entered = runtime.enter();
-        self.0 = Some(TcpStream::from_std(socket)?);
+        self.socket = Some(TcpStream::from_std(socket)?);
         Ok(())
     }
 
     fn socket(&mut self) -> io::Result<Pin<&mut TcpStream>> {
-        self.0.as_mut().map(Pin::new).ok_or_else(not_connected)
+        self.socket.as_mut().map(Pin::new).ok_or_else(not_connected)
+    }
+}
+
+impl Drop for MovableTcp {
+    fn drop(&mut self) {
+        let (socket, slot) = (self.socket.take(), self.slot.take());
+        match self.closer.take() {
+            // A runtime that has shut down drops the task, and so closes the
+            // socket, at once.
+            Some(closer) => drop(closer.spawn(async move {
+                drop(socket);
+                drop(slot);
+            })),
+            None => drop((socket, slot)),
+        }
     }
 }
 
@@ -517,7 +552,7 @@ pub fn incoming(
             };
             let workers = tokio::runtime::Handle::current();
             let handshake_task = async move {
-                let Ok(tcp) = MovableTcp::register_here(socket) else {
+                let Ok(tcp) = MovableTcp::register_here(socket, slot) else {
                     handshakes.end(id);
                     return;
                 };
@@ -548,7 +583,7 @@ pub fn incoming(
                             client_chain: ClientChain::new(chain, settings.roots).map(Arc::new),
                         };
                         let _ = tx
-                            .send(Ok(Conn::Tls(Box::new(Coalesce::new(stream)), peer, slot)))
+                            .send(Ok(Conn::Tls(Box::new(Coalesce::new(stream)), peer)))
                             .await;
                     }
                     Ok(Err(e)) => tracing::debug!(%remote, error = %e, "TLS handshake failed"),
