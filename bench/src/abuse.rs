@@ -238,8 +238,10 @@ pub struct AbuseArgs {
     #[arg(long)]
     attack_identities: Option<usize>,
     /// The server's message size limit (its `limits.max_request_bytes`).
-    #[arg(long, default_value_t = 64 * 1024)]
-    max_request_bytes: usize,
+    /// Default: meshsign's default, read from the library (bench/abuse runs
+    /// the server with every limit at its default).
+    #[arg(long)]
+    max_request_bytes: Option<usize>,
 }
 
 pub fn run(args: AbuseArgs) -> Result<(), String> {
@@ -484,6 +486,14 @@ async fn run_attacker(
         .map_err(|_| "the attacker thread died".to_owned())?
 }
 
+/// meshsign's default `limits.max_request_bytes` (the attacks that size
+/// their messages to the limit must use the server's, not a copy of it).
+fn server_default_max_request_bytes() -> Result<usize, String> {
+    meshsign::config::Config::from_yaml("{}")
+        .map(|c| c.limits.max_request_bytes)
+        .map_err(|e| format!("meshsign's default configuration: {e}"))
+}
+
 async fn orchestrate(args: AbuseArgs) -> Result<(), String> {
     let missing = |what: &str| format!("--{what} is required");
     let attack = args.attack.ok_or_else(|| missing("attack"))?;
@@ -525,6 +535,10 @@ async fn orchestrate(args: AbuseArgs) -> Result<(), String> {
         meshsign::client::client_tls_config(&ep)?,
         &args.server_name,
     )?;
+    let max_request_bytes = match args.max_request_bytes {
+        Some(n) => n,
+        None => server_default_max_request_bytes()?,
+    };
     let (def_conns, def_streams) = attack.shape(args.smoke);
     let connections = args.connections.unwrap_or(def_conns);
     let streams = args.streams.unwrap_or(def_streams);
@@ -561,7 +575,7 @@ async fn orchestrate(args: AbuseArgs) -> Result<(), String> {
         stats: stats.clone(),
         connections,
         streams,
-        max_request_bytes: args.max_request_bytes,
+        max_request_bytes,
     });
     let attack_started = Instant::now();
     let attacker = run_attacker(attack, ctx, args.attacker_cpu).await;
