@@ -12,6 +12,7 @@
 mod coalesce;
 pub mod config_reload;
 pub mod conn;
+mod fair_read;
 mod health;
 mod issuers;
 pub mod service;

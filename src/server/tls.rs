@@ -29,6 +29,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 use super::coalesce::Coalesce;
+use super::fair_read::FairRead;
 use crate::auth::ClientChain;
 use crate::pki::RootsId;
 
@@ -59,8 +60,12 @@ pub struct TlsSettings {
 /// slot under `limits.max_connections` (a TLS one in its [`MovableTcp`]; a
 /// plaintext one in the third field) until it is closed.
 pub enum Conn {
-    Tls(Box<Coalesce<TlsStream<MovableTcp>>>, PeerInfo),
-    Plain(Coalesce<TcpStream>, PeerInfo, OwnedSemaphorePermit),
+    Tls(Box<Coalesce<FairRead<TlsStream<MovableTcp>>>>, PeerInfo),
+    Plain(
+        Coalesce<FairRead<TcpStream>>,
+        PeerInfo,
+        OwnedSemaphorePermit,
+    ),
 }
 
 impl Conn {
@@ -527,7 +532,11 @@ pub fn incoming(
                     client_chain: None,
                 };
                 if tx
-                    .send(Ok(Conn::Plain(Coalesce::new(tcp), peer, slot)))
+                    .send(Ok(Conn::Plain(
+                        Coalesce::new(FairRead::new(tcp)),
+                        peer,
+                        slot,
+                    )))
                     .await
                     .is_err()
                 {
@@ -583,7 +592,10 @@ pub fn incoming(
                             client_chain: ClientChain::new(chain, settings.roots).map(Arc::new),
                         };
                         let _ = tx
-                            .send(Ok(Conn::Tls(Box::new(Coalesce::new(stream)), peer)))
+                            .send(Ok(Conn::Tls(
+                                Box::new(Coalesce::new(FairRead::new(stream))),
+                                peer,
+                            )))
                             .await;
                     }
                     Ok(Err(e)) => tracing::debug!(%remote, error = %e, "TLS handshake failed"),
@@ -597,4 +609,71 @@ pub fn incoming(
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    /// A connected pair: (the client's end, the server's end).
+    fn socket_pair() -> (std::net::TcpStream, std::net::TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        server.set_nonblocking(true).unwrap();
+        (client, server)
+    }
+
+    /// True when the peer of `client` has closed (EOF), without waiting.
+    fn closed(client: &mut std::net::TcpStream) -> bool {
+        client.set_nonblocking(true).unwrap();
+        matches!(client.read(&mut [0u8; 16]), Ok(0))
+    }
+
+    #[test]
+    fn a_dropped_socket_is_closed_by_its_closer_runtime_and_frees_its_slot_only_then() {
+        let closer = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let workers = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let slots = Arc::new(Semaphore::new(1));
+        let (mut client, server) = socket_pair();
+        let mut tcp = {
+            let _on_closer = closer.enter();
+            MovableTcp::register_here(server, slots.clone().try_acquire_owned().unwrap()).unwrap()
+        };
+        // Established: it moves to the workers, and ends there.
+        tcp.move_to(workers.handle()).unwrap();
+        workers.block_on(async move { drop(tcp) });
+        // The close is queued on the closer, which has not run yet: the
+        // socket is open and the slot taken.
+        assert_eq!(slots.available_permits(), 0);
+        assert!(!closed(&mut client));
+        closer.block_on(tokio::task::yield_now());
+        assert_eq!(slots.available_permits(), 1);
+        assert!(closed(&mut client));
+    }
+
+    #[test]
+    fn once_its_closer_runtime_is_gone_the_socket_is_closed_where_it_is_dropped() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let slots = Arc::new(Semaphore::new(1));
+        let (mut client, server) = socket_pair();
+        let tcp = runtime.block_on(async {
+            MovableTcp::register_here(server, slots.clone().try_acquire_owned().unwrap()).unwrap()
+        });
+        // The runtime it would be closed on is gone.
+        drop(runtime);
+        drop(tcp);
+        assert_eq!(slots.available_permits(), 1);
+        assert!(closed(&mut client));
+    }
 }
