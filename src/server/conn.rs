@@ -225,22 +225,22 @@ impl Shared {
 }
 
 /// HTTP/2 flow-control windows sized for the largest message a call may
-/// carry (HTTP/2's default 65,535 bytes at least): a client can send at most
-/// that much body on a stream before meshsign has read it, so a call refused
-/// for its size (or its credentials) costs meshsign the decryption of at most
-/// one window, not of hyper's default megabyte, before the refusal reaches
-/// the client; the connection window lets every permitted stream have a full
-/// one.
+/// carry: a client can send at most one such message (and its 5-byte gRPC
+/// prefix) on a stream before meshsign has read it, so a call refused for its
+/// size (or its credentials) costs meshsign the decryption of at most that,
+/// not of hyper's default megabyte, before the refusal reaches the client.
+/// The connection window lets every permitted stream have a full one (and is
+/// never below HTTP/2's 65,535 bytes, which only WINDOW_UPDATE could change).
 fn flow_control_windows(settings: &ConnSettings) -> (u32, u32) {
     const HTTP2_DEFAULT_WINDOW: u32 = 65_535;
     const MAX_WINDOW: u32 = (1 << 31) - 1;
     let largest_call = settings.max_request_bytes.saturating_add(GRPC_FRAME_HEADER);
     let stream = u32::try_from(largest_call)
         .unwrap_or(MAX_WINDOW)
-        .clamp(HTTP2_DEFAULT_WINDOW, MAX_WINDOW);
+        .min(MAX_WINDOW);
     let connection = stream
         .saturating_mul(settings.max_concurrent_streams.max(1))
-        .min(MAX_WINDOW);
+        .clamp(HTTP2_DEFAULT_WINDOW, MAX_WINDOW);
     (stream, connection)
 }
 
@@ -939,17 +939,20 @@ mod tests {
     }
 
     #[test]
-    fn windows_fit_the_largest_call_and_never_go_below_http2s_default() {
-        // The defaults: a 32 KiB call fits HTTP/2's default window (hyper's own is 1 MiB).
+    fn windows_fit_the_largest_call_and_no_more() {
+        // The defaults: a 32 KiB call and its prefix, not HTTP/2's default
+        // 65,535 bytes (hyper's own is 1 MiB).
         assert_eq!(
             flow_control_windows(&settings(32 * 1024, 16)),
-            (65_535, 65_535 * 16)
+            (32 * 1024 + 5, (32 * 1024 + 5) * 16)
         );
         // A larger limit: one whole call (and its 5-byte prefix) fits.
         assert_eq!(
             flow_control_windows(&settings(1 << 20, 4)),
             ((1 << 20) + 5, ((1 << 20) + 5) * 4)
         );
+        // The connection window never goes below HTTP/2's initial one.
+        assert_eq!(flow_control_windows(&settings(4096, 1)), (4096 + 5, 65_535));
         // Never past HTTP/2's largest window.
         let (s, c) = flow_control_windows(&settings(usize::MAX, u32::MAX));
         assert_eq!((s, c), ((1 << 31) - 1, (1 << 31) - 1));
