@@ -197,9 +197,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicUsize;
+    use crate::server::test_waker::CountingWaker;
     use std::sync::Arc;
-    use std::task::{Wake, Waker};
+    use std::task::Waker;
 
     /// An I/O object that records each write; reads never have data.
     #[derive(Default)]
@@ -244,17 +244,6 @@ mod tests {
         }
     }
 
-    #[derive(Default)]
-    struct CountingWaker(AtomicUsize);
-    impl Wake for CountingWaker {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-        fn wake_by_ref(self: &Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-
     fn writable() -> Coalesce<Recorder> {
         Coalesce::new(Recorder {
             writable: true,
@@ -296,10 +285,10 @@ mod tests {
         assert_eq!(c.out.capacity(), 0, "a drained buffer is freed");
 
         // Nothing pending: flush and read go straight through, no wake.
-        let wakes = counter.0.load(Ordering::SeqCst);
+        let wakes = counter.count();
         assert!(flush(&mut c, &mut cx).is_ready());
         assert!(read(&mut c, &mut cx).is_pending());
-        assert_eq!(counter.0.load(Ordering::SeqCst), wakes);
+        assert_eq!(counter.count(), wakes);
         assert_eq!(c.inner.writes.len(), 1);
     }
 
@@ -313,7 +302,7 @@ mod tests {
         write(&mut c, &mut cx, b"settings");
         assert!(flush(&mut c, &mut cx).is_ready());
         assert!(c.inner.writes.is_empty());
-        assert_eq!(counter.0.load(Ordering::SeqCst), 1, "the task woke itself");
+        assert_eq!(counter.count(), 1, "the task woke itself");
 
         // The next pass starts with a read: the buffer goes out first.
         assert!(read(&mut c, &mut cx).is_pending());

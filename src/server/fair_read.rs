@@ -96,9 +96,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for FairRead<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use crate::server::test_waker::CountingWaker;
     use std::sync::Arc;
-    use std::task::Wake;
 
     /// Always has `chunk` bytes to give.
     struct Firehose {
@@ -114,13 +113,6 @@ mod tests {
             let n = self.chunk.min(buf.remaining());
             buf.put_slice(&vec![0u8; n]);
             Poll::Ready(Ok(()))
-        }
-    }
-
-    struct CountWakes(AtomicUsize);
-    impl Wake for CountWakes {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
         }
     }
 
@@ -141,7 +133,7 @@ mod tests {
 
     #[test]
     fn a_client_that_never_stops_sending_gets_turns_and_is_woken_for_the_next() {
-        let wakes = Arc::new(CountWakes(AtomicUsize::new(0)));
+        let wakes = Arc::new(CountingWaker::default());
         let waker = std::task::Waker::from(wakes.clone());
         let mut cx = Context::from_waker(&waker);
         let mut r = FairRead::new(Firehose { chunk: 5000 });
@@ -153,7 +145,7 @@ mod tests {
                 "pass {pass}: {n}"
             );
             // Pending without a wake would stall the connection for ever.
-            assert_eq!(wakes.0.load(Ordering::SeqCst), pass);
+            assert_eq!(wakes.count(), pass);
         }
     }
 
@@ -181,7 +173,7 @@ mod tests {
 
     #[test]
     fn a_read_that_finds_no_data_starts_a_new_turn() {
-        let wakes = Arc::new(CountWakes(AtomicUsize::new(0)));
+        let wakes = Arc::new(CountingWaker::default());
         let waker = std::task::Waker::from(wakes.clone());
         let mut cx = Context::from_waker(&waker);
         let mut r = FairRead::new(Trickle { next_empty: false });
@@ -194,6 +186,6 @@ mod tests {
             let mut buf = ReadBuf::new(&mut storage);
             assert!(Pin::new(&mut r).poll_read(&mut cx, &mut buf).is_pending());
         }
-        assert_eq!(wakes.0.load(Ordering::SeqCst), 0);
+        assert_eq!(wakes.count(), 0);
     }
 }

@@ -17,6 +17,8 @@ mod health;
 mod issuers;
 pub mod service;
 mod serving_cert;
+#[cfg(test)]
+mod test_waker;
 pub mod tls;
 
 use std::net::SocketAddr;
