@@ -267,23 +267,11 @@ struct Reading {
     fds: u64,
 }
 
-/// Open descriptors of `pid`. Linux 6.2 and later report the count as the
-/// size of `/proc/PID/fd`, without the listing (10,000 entries every 200 ms,
-/// on the CPU the server shares with the legitimate load, took CPU time from
-/// the server during idle-h2); older kernels report 0 there, so list them.
-fn open_fds(pid: u32) -> Option<u64> {
-    let dir = format!("/proc/{pid}/fd");
-    match std::fs::metadata(&dir).ok()?.len() {
-        0 => Some(std::fs::read_dir(&dir).ok()?.count() as u64),
-        n => Some(n),
-    }
-}
-
 fn read_server(pid: u32) -> Option<Reading> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    let fds = open_fds(pid)?;
+    let fds = procstat::open_fds(pid)?;
     Some(Reading {
         rss_mib: kib / 1024.0,
         fds,

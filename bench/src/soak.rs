@@ -153,7 +153,7 @@ fn sample(pid: u32, at: Duration, done: u64) -> Option<Sample> {
             .parse()
             .ok()
     };
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as i64;
+    let fds = crate::procstat::open_fds(pid)? as i64;
     Some(Sample {
         at,
         rss_mib: field("VmRSS:")? / 1024.0,

@@ -12,7 +12,7 @@
 //! milliseconds long, and a legitimate renewal queued behind a few of them
 //! waited ten times its usual time. With a turn of [`READ_TURN`] bytes, a
 //! pass costs tens of microseconds, whatever the client sends; a legitimate
-//! request (at most `max_request_bytes`, 64 KiB by default) takes one or two
+//! request (at most `max_request_bytes`, 32 KiB by default) takes one or two
 //! turns.
 //!
 //! The end of a turn is a `Pending` read with the task woken at once (the
